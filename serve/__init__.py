@@ -1,0 +1,1 @@
+"""Serving and the ``persona`` command line."""

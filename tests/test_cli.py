@@ -1,0 +1,85 @@
+"""The `persona` command as a user runs it: real subprocesses, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import write_jsonl
+
+
+def persona(*args, env=None, timeout=300):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "serve.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("persona: error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_unknown_persona():
+    assert_one_line_error(persona("train", "sft", "--persona", "nobody"), "unknown persona 'nobody'", "teto")
+
+
+def test_bad_dataset_record_names_file_line_field(tmp_path):
+    path = write_jsonl(tmp_path / "mine.jsonl", [{"prompt": "hi", "response": "yo"}, {"prompt": "hi"}])
+    assert_one_line_error(persona("data", "check", str(path)), f"{path}:2: field 'response': missing")
+
+
+def test_shipped_data_checks_clean():
+    result = persona("data", "check")
+    assert result.returncode == 0, result.stderr
+    assert "records in 10 files are valid" in result.stdout
+
+
+def test_unknown_recipe_key(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("epochs: 1\nbatchsize: 4\n")
+    assert_one_line_error(persona("train", "sft", "--persona", "teto", "--recipe", str(recipe)),
+                          "unknown key 'batchsize'")
+
+
+def test_rollback_without_history_and_bad_version():
+    assert_one_line_error(persona("adapters", "rollback", "--persona", "teto"), "no active adapter")
+    result = persona("adapters", "promote", "--persona", "teto", "--version", "seven")
+    assert result.returncode == 2 and "expected a version like 3 or v3" in result.stderr
+
+
+def test_chat_before_training_says_what_to_run():
+    assert_one_line_error(persona("chat", "--persona", "egen", "hello"), "persona train sft --persona egen")
+
+
+def test_invalid_setting_is_named(monkeypatch):
+    monkeypatch.setenv("PERSONA_HOME", "")
+    monkeypatch.setenv("PERSONA_LOG_LEVEL", "LOUD")
+    result = persona("settings")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+
+
+def test_train_list_chat_end_to_end(tmp_path, tiny_model_dir):
+    """train sft -> adapters list -> chat, through the real command on a tiny model."""
+    personas = tmp_path / "personas"
+    write_jsonl(personas / "data" / "train.jsonl", [
+        {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "Do it now."}]}
+        for i in range(8)
+    ])
+    (personas / "tiny.yaml").write_text(
+        "name: tiny\ndisplay_name: Tiny\ndescription: test\nsystem_prompt: Be short.\nlanguages: [en]\n"
+        "data:\n  train: [{path: data/train.jsonl, language: en}]\n")
+    env = {"PERSONA_PERSONAS_DIR": str(personas), "PERSONA_BASE_MODEL": str(tiny_model_dir)}
+    trained = persona("train", "sft", "--persona", "tiny", "--max-steps", "2", env=env)
+    assert trained.returncode == 0, trained.stderr
+    assert "Saved tiny-v1" in trained.stderr and "Training took" in trained.stderr
+    listed = persona("adapters", "list", env=env)
+    assert "v1" in listed.stdout and "*" in listed.stdout
+    chat = persona("chat", "--persona", "tiny", "--max-tokens", "5", "hello", env=env)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.startswith("Tiny:") and "tiny-v1" in chat.stderr

@@ -1,0 +1,55 @@
+"""Held-out evaluation: mean negative log-likelihood of reference answers.
+
+The figure is per answer token (total NLL / total answer tokens), computed
+with the persona's system prompt, so base model and adapter are scored on
+exactly the same tokens. Lower is better; the SFT run records both and the
+relative reduction in the adapter's ``meta.json``.
+"""
+
+from __future__ import annotations
+
+from train.chat_tokens import IGNORE, Tokenized, tokenize_chat, with_system
+
+
+def tokenize_examples(tokenizer, examples, system_prompt: str | None) -> list[Tokenized]:
+    return [tokenize_chat(tokenizer, with_system(e.messages, system_prompt)) for e in examples]
+
+
+def answer_nll(model, batch: list[Tokenized], pad_id: int) -> tuple[float, int]:
+    """Summed NLL of the labelled tokens in ``batch`` and their count."""
+    import torch
+
+    width = max(len(t.input_ids) for t in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, t in enumerate(batch):
+        n = len(t.input_ids)
+        ids[row, :n] = torch.tensor(t.input_ids)
+        labels[row, :n] = torch.tensor(t.labels)
+        mask[row, :n] = 1
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
+    shift_labels = labels[:, 1:].reshape(-1).to(device)
+    loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
+    return loss.item(), int((shift_labels != IGNORE).sum())
+
+
+def mean_nll(model, tokenized: list[Tokenized], pad_id: int, batch_size: int = 8) -> dict:
+    """Token-weighted mean NLL over all answers, in eval mode without gradients."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    # Batching neighbours by length keeps padding (wasted compute) small.
+    order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i].input_ids))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = [tokenized[i] for i in order[start : start + batch_size]]
+            nll, n = answer_nll(model, batch, pad_id)
+            total, count = total + nll, count + n
+    if was_training:
+        model.train()
+    return {"mean_nll": total / max(count, 1), "answer_tokens": count, "examples": len(tokenized)}
