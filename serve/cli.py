@@ -6,6 +6,7 @@
     persona adapters list|promote|rollback
     persona chat --persona teto "message"
     persona data check [FILE ...]
+    persona bench sft
     persona settings
 
 Each command is a ``main(args)`` behind a parser; nothing is loaded at import
@@ -69,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="*", help=".jsonl/.json files to check")
     p.add_argument("--language", default="en", help="language of records in the given files")
     p.set_defaults(func=c.data_check)
+
+    bench = sub.add_parser("bench", help="benchmarks that print comparable figures")
+    bsub = bench.add_subparsers(dest="which", required=True, metavar="WHICH")
+    p = bsub.add_parser("sft", help="SFT step time: our recipe against TRL's defaults")
+    from bench import sft_speed
+
+    sft_speed.add_arguments(p)
+    p.set_defaults(func=sft_speed.main)
 
     p = sub.add_parser("settings", help="show every environment variable, its value and meaning")
     p.set_defaults(func=c.show_settings)

@@ -119,3 +119,18 @@ def test_padding_free_batches_keep_dialogues_independent(tiny_model_dir):
                        position_ids=torch.cat([torch.arange(12), torch.arange(7)])[None]).logits
     assert torch.allclose(packed[0, :12], alone_a[0], atol=1e-5)
     assert torch.allclose(packed[0, 12:], alone_b[0], atol=1e-5)
+
+
+def test_labelled_positions_loss_equals_the_models_own_loss(tiny_model_dir, tokenizer):
+    model = load_model(str(tiny_model_dir))
+    model.config.use_cache = False
+    rows = [tokenize_chat(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+            for q, a in DIALOGUES[:3]]
+    ids = torch.tensor([sum((r.input_ids for r in rows), [])])
+    labels = torch.tensor([sum((r.labels for r in rows), [])])
+    positions = torch.tensor([sum((list(range(len(r.input_ids))) for r in rows), [])])
+    inputs = {"input_ids": ids, "position_ids": positions, "labels": labels}
+    with torch.no_grad():
+        expected = model(**inputs).loss
+        lean = sft.labelled_positions_loss(model, inputs)
+    assert torch.allclose(lean, expected, atol=1e-5)

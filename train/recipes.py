@@ -25,6 +25,9 @@ class LoraSpec:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    # Adapt only the top N transformer layers (None: all). The backward pass
+    # then stops at the lowest adapted layer, so each step is cheaper.
+    top_layers: int | None = None
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Benchmarks that print comparable figures side by side: ``persona bench ...``."""

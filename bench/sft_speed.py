@@ -1,0 +1,97 @@
+"""SFT step time: our recipe against TRL's defaults and single changes, in one run.
+
+    persona bench sft [--persona teto] [--steps 6] [--base-model PATH]
+
+Every configuration trains a fresh LoRA adapter on the same dialogues, in the
+same order, for the same number of steps; the first step (warm-up) is not
+timed. Prints seconds per step, answer-plus-prompt tokens per second, and
+each configuration's speed relative to our recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--persona", default="teto")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration (after one warm-up)")
+    parser.add_argument("--base-model", help="default: PERSONA_BASE_MODEL")
+
+
+def configurations(recipe):
+    """(label, recipe, SFTConfig overrides, lean loss) for each variant."""
+    trl_lora = replace(recipe, lora=replace(recipe.lora, dropout=0.05))
+    return [
+        ("ours (fp32, padding-free, plain loss, no dropout)", recipe, {}, True),
+        ("  with TRL's fused loss + metrics", recipe, {}, False),
+        ("  with padded batches", replace(recipe, padding_free=False), {}, True),
+        ("  with LoRA dropout 0.05", trl_lora, {}, True),
+        ("TRL defaults (bf16 autocast, grad. checkpointing, padded, fused loss)",
+         replace(trl_lora, padding_free=False), {"bf16": True, "gradient_checkpointing": True}, False),
+    ]
+
+
+def time_steps(trainer) -> list[float]:
+    from transformers import TrainerCallback
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+        def on_train_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def main(args: argparse.Namespace) -> None:
+    from train import base_model, sft
+    from train.data import load_files
+    from train.evaluate import tokenize_examples
+    from train.personas import load_persona
+    from train.recipes import load_recipe
+
+    persona = load_persona(args.persona)
+    recipe = load_recipe(persona.recipe)
+    base = base_model.resolve(args.base_model)
+    tokenizer = base_model.load_tokenizer(base)
+    files = [(persona.resolve(f.path), f.language) for f in persona.files("train", recipe.languages)]
+    tokenized = tokenize_examples(tokenizer, load_files(files, recipe.languages), persona.system_prompt)
+    steps = args.steps + 1
+    random.Random(0).shuffle(tokenized)
+    sample = tokenized[: steps * recipe.batch_size]
+    tokens_per_step = sum(len(t.input_ids) for t in sample[recipe.batch_size:]) / args.steps
+
+    rows = []
+    for label, variant, overrides, lean in configurations(recipe):
+        console.print(f"[bold]{label}[/]: {steps} steps ...")
+        model = sft.attach_lora(base_model.load_model(base), variant, qlora=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            config = sft.sft_config(replace(variant, max_steps=steps, logging_steps=steps), False, False,
+                                    Path(tmp), train_sampling_strategy="sequential", **overrides)
+            times = time_steps(sft.make_trainer(model, tokenizer, sample, config, lean_loss=lean))
+        per_step = sum(times[1:]) / len(times[1:])
+        rows.append((label, per_step))
+
+    table = Table("configuration", "s/step", "tokens/s", "speed vs ours",
+                  title=f"SFT steps on {args.persona}: batch {recipe.batch_size}, "
+                        f"{tokens_per_step:.0f} tokens/step, {args.steps} timed steps")
+    ours = rows[0][1]
+    for label, per_step in rows:
+        table.add_row(label, f"{per_step:.2f}", f"{tokens_per_step / per_step:.0f}", f"{ours / per_step:.2f}x")
+    console.print(table)
