@@ -31,9 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configurations(recipe):
     """(label, recipe, SFTConfig overrides, lean loss) for each variant."""
-    trl_lora = replace(recipe, lora=replace(recipe.lora, dropout=0.05))
+    trl_lora = replace(recipe, lora=replace(recipe.lora, dropout=0.05), float32_matmul_precision="highest")
     return [
-        ("ours (fp32, padding-free, plain loss, no dropout)", recipe, {}, True),
+        ("ours (fp32 weights, bf16 matmul products, padding-free, lean loss, no dropout)", recipe, {}, True),
+        ("  with full-precision fp32 matmuls", replace(recipe, float32_matmul_precision="highest"), {}, True),
         ("  with TRL's fused loss + metrics", recipe, {}, False),
         ("  with padded batches", replace(recipe, padding_free=False), {}, True),
         ("  with LoRA dropout 0.05", trl_lora, {}, True),
@@ -84,7 +85,9 @@ def main(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             config = sft.sft_config(replace(variant, max_steps=steps, logging_steps=steps), False, False,
                                     Path(tmp), train_sampling_strategy="sequential", **overrides)
-            times = time_steps(sft.make_trainer(model, tokenizer, sample, config, lean_loss=lean))
+            trainer = sft.make_trainer(model, tokenizer, sample, config, lean_loss=lean)
+            with sft.matmul_precision(variant.float32_matmul_precision):
+                times = time_steps(trainer)
         per_step = sum(times[1:]) / len(times[1:])
         rows.append((label, per_step))
 

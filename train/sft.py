@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -196,13 +197,27 @@ def make_trainer(model, tokenizer, tokenized, config, lean_loss: bool = True):
     return cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
 
 
+@contextmanager
+def matmul_precision(value: str):
+    """Set torch's float32 matmul precision for the duration of a block."""
+    import torch
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def train_lora(model, tokenizer, tokenized, recipe: SFTRecipe, bf16: bool, cuda: bool, staging: Path) -> list[dict]:
     """Train the LoRA weights in place; returns the trainer's log history."""
     import shutil
 
     config = sft_config(recipe, bf16, cuda, staging / "trainer")
     trainer = make_trainer(model, tokenizer, tokenized, config)
-    trainer.train()
+    with matmul_precision(recipe.float32_matmul_precision):
+        trainer.train()
     shutil.rmtree(staging / "trainer", ignore_errors=True)
     return trainer.state.log_history
 
