@@ -25,7 +25,7 @@ console = Console()
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--persona", default="teto")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration (after one warm-up)")
     parser.add_argument("--base-model", help="default: PERSONA_BASE_MODEL")
 
 

@@ -42,6 +42,13 @@ def _path(value: str) -> Path:
     return Path(value).expanduser().resolve()
 
 
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
 def _keys(value: str) -> tuple[str, ...]:
     # Several keys may be given, separated by commas, so keys can be rotated.
     return tuple(k.strip() for k in value.split(",") if k.strip())
@@ -67,7 +74,7 @@ VARIABLES: dict[str, Var] = {
         Var("PERSONA_ADMIN_KEY", _keys, lambda: (),
             "Comma-separated admin keys for the gateway's admin routes.", secret=True),
         # Log verbosity for every process.
-        Var("PERSONA_LOG_LEVEL", str.upper, lambda: "INFO",
+        Var("PERSONA_LOG_LEVEL", _log_level, lambda: "INFO",
             "Logging level: DEBUG, INFO, WARNING or ERROR."),
     ]
 }

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from feedback import settings
 from train import base_model, registry
 from train.chat_tokens import IGNORE
 from train.data import data_hash, load_files
