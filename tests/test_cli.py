@@ -83,3 +83,16 @@ def test_train_list_chat_end_to_end(tmp_path, tiny_model_dir):
     chat = persona("chat", "--persona", "tiny", "--max-tokens", "5", "hello", env=env)
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.startswith("Tiny:") and "tiny-v1" in chat.stderr
+
+
+def test_bench_sft_prints_every_configuration_side_by_side(tiny_model_dir):
+    from bench.sft_speed import configurations
+    from train.recipes import load_recipe
+
+    result = persona("bench", "sft", "--steps", "1", "--base-model", str(tiny_model_dir))
+    assert result.returncode == 0, result.stderr
+    labels = [label for label, _, _ in configurations(load_recipe("sft"))]
+    assert len(labels) == 6
+    for label in labels:
+        assert f" {label} " in result.stdout
+    assert "speed vs ours" in result.stdout and "1.00x" in result.stdout
