@@ -111,6 +111,31 @@ def chat(args) -> None:
     console.print(f"[bold]{persona.display_name}:[/] {reply}")
 
 
+def engine(args) -> None:
+    """Serve the embedded engine with every persona's active adapter loaded as <persona>-v<N>."""
+    import asyncio
+
+    import uvicorn
+
+    from serve.engine.embedded import EmbeddedEngine
+    from serve.engine.routes import create_app
+    from train import base_model, registry
+    from train.personas import list_persona_names
+
+    engine = EmbeddedEngine(base_model.resolve(), max_model_len=args.max_model_len, max_batch=args.max_batch)
+    app = create_app(engine)
+
+    @app.on_event("startup")
+    async def load_active_adapters():
+        for name in list_persona_names():
+            adapter = registry.active(name)
+            if adapter is not None:
+                await engine.load_adapter(adapter.name, str(adapter.path))
+                err.print(f"loaded {adapter.name} from {adapter.path}")
+
+    asyncio.run(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).serve())
+
+
 def data_check(args) -> None:
     from pathlib import Path
 

@@ -134,3 +134,13 @@ def test_labelled_positions_loss_equals_the_models_own_loss(tiny_model_dir, toke
         expected = model(**inputs).loss
         lean = sft.labelled_positions_loss(model, inputs)
     assert torch.allclose(lean, expected, atol=1e-5)
+
+
+def test_recipe_that_leaves_no_data_is_a_clear_error(tiny_model_dir, tiny_persona):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no training data in languages"):
+        sft.run(tiny_persona, SFTRecipe(languages=["ko"]), str(tiny_model_dir))
+    with pytest.raises(ConfigError, match="longer than the recipe's max_length=8"):
+        sft.run(tiny_persona, SFTRecipe(max_length=8), str(tiny_model_dir))
+    assert registry.versions("tiny") == []

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from train import base_model, registry
 from train.chat_tokens import IGNORE
+from train.config import ConfigError
 from train.data import data_hash, load_files
 from train.evaluate import mean_nll, tokenize_examples
 from train.personas import Persona, load_persona
@@ -79,13 +80,15 @@ def run(persona: Persona, recipe: SFTRecipe, base: str, activate: bool = True) -
     train_files = [(persona.resolve(f.path), f.language) for f in persona.files("train", recipe.languages)]
     heldout_files = [(persona.resolve(f.path), f.language) for f in persona.files("heldout", recipe.languages)]
     if not train_files:
-        raise registry.RegistryError(
-            f"persona {persona.name} has no training data in languages {recipe.languages}")
+        raise ConfigError(f"persona {persona.name} has no training data in languages {recipe.languages}")
     train_examples = load_files(train_files, recipe.languages)
     heldout_examples = load_files(heldout_files, recipe.languages)
     train_tok = tokenize_examples(tokenizer, train_examples, persona.system_prompt)
     kept = [t for t in train_tok if len(t.input_ids) <= recipe.max_length and t.n_answer_tokens]
     dropped = len(train_tok) - len(kept)
+    if not kept:
+        raise ConfigError(f"persona {persona.name}: all {len(train_tok)} training dialogues are longer than "
+                          f"the recipe's max_length={recipe.max_length} tokens")
     heldout_tok = tokenize_examples(tokenizer, heldout_examples, persona.system_prompt)
     console.print(
         f"[bold]SFT[/] persona={persona.name} base={base} device={device} qlora={qlora} bf16={bf16}\n"

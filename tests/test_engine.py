@@ -1,0 +1,165 @@
+"""The embedded engine over HTTP, through the official openai client: vLLM's
+protocol, continuous batching across adapters, runtime LoRA loading."""
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from tests.conftest import REPO  # noqa: F401
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    """Two random LoRA adapters (B non-zero, so they change the outputs)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    for i, name in enumerate(["alpha", "beta"]):
+        torch.manual_seed(100 + i)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False))
+        out = tmp_path_factory.mktemp("adapters") / name
+        peft.save_pretrained(out)
+        paths[name] = str(out)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def engine_url(tiny_model_dir):
+    import uvicorn
+
+    from serve.engine.embedded import EmbeddedEngine
+    from serve.engine.routes import create_app
+
+    engine = EmbeddedEngine(str(tiny_model_dir), served_name="base", max_model_len=256)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(engine_url):
+    return openai.OpenAI(base_url=engine_url + "/v1", api_key="unused")
+
+
+def ask(client, model="base", content="hello there", **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_models_and_plain_completion(client):
+    assert [m.id for m in client.models.list().data][0] == "base"
+    reply = ask(client)
+    assert reply.id.startswith("chatcmpl-") and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 5
+    assert ask(client).choices[0].message.content == reply.choices[0].message.content, "greedy is deterministic"
+
+
+def test_streaming_with_usage_in_last_chunk(client):
+    whole = ask(client, max_tokens=10).choices[0].message.content
+    chunks = list(ask(client, max_tokens=10, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert any(c.choices and c.choices[0].finish_reason == "length" for c in chunks)
+
+
+def test_n_and_seed(client):
+    reply = ask(client, n=2, temperature=1.0, seed=7, max_tokens=8)
+    assert [c.index for c in reply.choices] == [0, 1]
+    again = ask(client, n=2, temperature=1.0, seed=7, max_tokens=8)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+
+
+def test_stop_sequence_cuts_the_answer(client):
+    full = ask(client, max_tokens=20).choices[0].message.content
+    assert len(full) > 6
+    stop = full[3:6]
+    cut = ask(client, max_tokens=20, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_errors_use_openai_shape(client, engine_url):
+    with pytest.raises(openai.NotFoundError) as err:
+        ask(client, model="nobody")
+    assert err.value.body["message"] == "The model `nobody` does not exist." or "nobody" in str(err.value)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens"):
+        ask(client, content="word " * 300)
+    bad = httpx.post(engine_url + "/v1/chat/completions", json={"model": "base", "messages": [], "n": 99})
+    assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_lora_load_unload_and_duplicates(client, engine_url, adapters):
+    post = lambda route, body: httpx.post(engine_url + route, json=body)  # noqa: E731
+    assert post("/v1/load_lora_adapter", {"lora_name": "alpha", "lora_path": adapters["alpha"]}).status_code == 200
+    dup = post("/v1/load_lora_adapter", {"lora_name": "alpha", "lora_path": adapters["alpha"]})
+    assert dup.status_code == 400 and "already been loaded" in dup.json()["error"]["message"]
+    missing = post("/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": "/nowhere"})
+    assert missing.status_code == 404
+    assert "alpha" in [m.id for m in client.models.list().data]
+    base, alpha = ask(client).choices[0].message.content, ask(client, model="alpha").choices[0].message.content
+    assert base != alpha, "the adapter changes the answer"
+    assert post("/v1/unload_lora_adapter", {"lora_name": "alpha"}).status_code == 200
+    assert post("/v1/unload_lora_adapter", {"lora_name": "alpha"}).status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        ask(client, model="alpha")
+
+
+def test_concurrent_mixed_adapter_batch_matches_solo_answers(engine_url, adapters):
+    """Requests for different adapters share decode steps and still get their own answers."""
+    for name in ("alpha", "beta"):
+        httpx.post(engine_url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": adapters[name]})
+    sync = openai.OpenAI(base_url=engine_url + "/v1", api_key="x")
+    prompts = [("base", "hi"), ("alpha", "tell me a story"), ("beta", "what now?"), ("alpha", "ok")] * 2
+    solo = [ask(sync, m, p, max_tokens=16).choices[0].message.content for m, p in prompts]
+
+    async def together():
+        aclient = openai.AsyncOpenAI(base_url=engine_url + "/v1", api_key="x")
+        calls = [aclient.chat.completions.create(model=m, messages=[{"role": "user", "content": p}],
+                                                 max_tokens=16, temperature=0) for m, p in prompts]
+        return [r.choices[0].message.content for r in await asyncio.gather(*calls)]
+
+    assert asyncio.run(together()) == solo
+    assert httpx.get(engine_url + "/health").json()["peak_batch"] > 1
+    for name in ("alpha", "beta"):
+        httpx.post(engine_url + "/v1/unload_lora_adapter", json={"lora_name": name})
+
+
+def test_disconnected_stream_stops_generation(engine_url):
+    body = {"model": "base", "messages": [{"role": "user", "content": "go"}], "max_tokens": 200,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", engine_url + "/v1/chat/completions", json=body) as response:
+        for _ in zip(range(3), response.iter_lines()):
+            pass
+    for _ in range(50):
+        if httpx.get(engine_url + "/health").json()["running"] == 0:
+            break
+        time.sleep(0.1)
+    assert httpx.get(engine_url + "/health").json()["running"] == 0
