@@ -123,9 +123,7 @@ def engine(args) -> None:
     from train.personas import list_persona_names
 
     engine = EmbeddedEngine(base_model.resolve(), max_model_len=args.max_model_len, max_batch=args.max_batch)
-    app = create_app(engine)
 
-    @app.on_event("startup")
     async def load_active_adapters():
         for name in list_persona_names():
             adapter = registry.active(name)
@@ -133,6 +131,7 @@ def engine(args) -> None:
                 await engine.load_adapter(adapter.name, str(adapter.path))
                 err.print(f"loaded {adapter.name} from {adapter.path}")
 
+    app = create_app(engine, on_start=load_active_adapters)
     asyncio.run(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).serve())
 
 

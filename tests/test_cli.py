@@ -84,6 +84,30 @@ def test_train_list_chat_end_to_end(tmp_path, tiny_model_dir):
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.startswith("Tiny:") and "tiny-v1" in chat.stderr
 
+    # The engine serves the active adapter under its versioned name.
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "serve.cli", "engine", "--port", str(port)],
+                              env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        names = []
+        for _ in range(200):
+            try:
+                names = [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]]
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert "tiny-v1" in names
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
 
 def test_bench_sft_prints_every_configuration_side_by_side(tiny_model_dir):
     from bench.sft_speed import configurations

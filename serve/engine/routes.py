@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import asynccontextmanager
+from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,17 +25,21 @@ def error(status: int, message: str, type_: str = "BadRequestError", param: str 
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-def create_app(engine: EmbeddedEngine) -> FastAPI:
-    app = FastAPI(title="persona-chat embedded engine")
-    app.state.engine = engine
+def create_app(engine: EmbeddedEngine, on_start: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+    """The engine's app; ``on_start`` runs once the decode loop is up (e.g. to load adapters)."""
 
-    @app.on_event("startup")
-    async def _start():
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
         engine.start()
+        if on_start is not None:
+            await on_start()
+        try:
+            yield
+        finally:
+            engine.stop()
 
-    @app.on_event("shutdown")
-    async def _stop():
-        engine.stop()
+    app = FastAPI(title="persona-chat embedded engine", lifespan=lifespan)
+    app.state.engine = engine
 
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError):
