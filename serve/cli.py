@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sft_speed.add_arguments(p)
     p.set_defaults(func=sft_speed.main)
+    p = bsub.add_parser("serve", help="streaming throughput: embedded engine against a naive server")
+    from bench import serve_speed
+
+    serve_speed.add_arguments(p)
+    p.set_defaults(func=serve_speed.main)
 
     p = sub.add_parser("settings", help="show every environment variable, its value and meaning")
     p.set_defaults(func=c.show_settings)

@@ -120,3 +120,12 @@ def test_bench_sft_prints_every_configuration_side_by_side(tiny_model_dir):
     for label in labels:
         assert f" {label} " in result.stdout
     assert "speed vs ours" in result.stdout and "1.00x" in result.stdout
+
+
+def test_bench_serve_compares_engine_and_naive_server(tiny_model_dir):
+    result = persona("bench", "serve", "--clients", "1,2", "--requests", "1", "--max-tokens", "4",
+                     env={"PERSONA_BASE_MODEL": str(tiny_model_dir)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 4 and "embedded engine" in result.stdout and "naive" in result.stdout
+    assert "1.00x" in result.stdout
