@@ -83,15 +83,25 @@ async def load(url: str, models: list[str], clients: int, requests: int, max_tok
     return Result(ttft, tokens, time.perf_counter() - started)
 
 
-def serve_in_thread(app) -> tuple[str, object]:
-    import uvicorn
-
+def free_port() -> int:
+    """A free TCP port on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def serve_in_thread(app) -> tuple[str, object]:
+    """Serve an ASGI app on a free loopback port from a daemon thread; returns (url, server)."""
+    import uvicorn
+
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
     while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server on port {port} did not start")
         time.sleep(0.05)
     return f"http://127.0.0.1:{port}", server
 
@@ -101,10 +111,9 @@ def main(args: argparse.Namespace) -> None:
     from serve.engine.embedded import EmbeddedEngine
     from serve.engine.routes import create_app
     from train import base_model, registry
-    from train.personas import list_persona_names
 
     base = base_model.resolve()
-    adapters = [a for a in (registry.active(n) for n in list_persona_names()) if a is not None]
+    adapters = registry.active_adapters()
     levels = [int(c) for c in args.clients.split(",")]
     engine = EmbeddedEngine(base, served_name="base")
 

@@ -120,16 +120,13 @@ def engine(args) -> None:
     from serve.engine.embedded import EmbeddedEngine
     from serve.engine.routes import create_app
     from train import base_model, registry
-    from train.personas import list_persona_names
 
     engine = EmbeddedEngine(base_model.resolve(), max_model_len=args.max_model_len, max_batch=args.max_batch)
 
     async def load_active_adapters():
-        for name in list_persona_names():
-            adapter = registry.active(name)
-            if adapter is not None:
-                await engine.load_adapter(adapter.name, str(adapter.path))
-                err.print(f"loaded {adapter.name} from {adapter.path}")
+        for adapter in registry.active_adapters():
+            await engine.load_adapter(adapter.name, str(adapter.path))
+            err.print(f"loaded {adapter.name} from {adapter.path}")
 
     app = create_app(engine, on_start=load_active_adapters)
     asyncio.run(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).serve())

@@ -85,14 +85,13 @@ def test_train_list_chat_end_to_end(tmp_path, tiny_model_dir):
     assert chat.stdout.startswith("Tiny:") and "tiny-v1" in chat.stderr
 
     # The engine serves the active adapter under its versioned name.
-    import socket
     import time
 
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from bench.serve_speed import free_port
+
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "serve.cli", "engine", "--port", str(port)],
                               env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

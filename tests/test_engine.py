@@ -2,8 +2,6 @@
 protocol, continuous batching across adapters, runtime LoRA loading."""
 
 import asyncio
-import socket
-import threading
 import time
 
 import httpx
@@ -11,13 +9,7 @@ import openai
 import pytest
 import torch
 
-from tests.conftest import REPO  # noqa: F401
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.serve_speed import serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -40,26 +32,13 @@ def adapters(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine_url(tiny_model_dir):
-    import uvicorn
-
     from serve.engine.embedded import EmbeddedEngine
     from serve.engine.routes import create_app
 
     engine = EmbeddedEngine(str(tiny_model_dir), served_name="base", max_model_len=256)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    url, server = serve_in_thread(create_app(engine))
     yield url
     server.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.fixture

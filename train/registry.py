@@ -135,6 +135,13 @@ def active(persona: str) -> AdapterVersion | None:
     return get(persona, entry["version"])
 
 
+def active_adapters() -> list[AdapterVersion]:
+    """The active adapter of every persona that has one (the engines serve these)."""
+    from train.personas import list_persona_names
+
+    return [a for a in (active(n) for n in list_persona_names()) if a is not None]
+
+
 def set_active(persona: str, version: int, reason: str = "promote") -> AdapterVersion:
     target = get(persona, version)  # raises if it does not exist
     pointers = _read_pointers()

@@ -16,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from serve.engine.batching import BASE, Batcher, Event, Request, Sampling
+from serve.engine.batching import Batcher, Event, Request, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -161,4 +161,4 @@ def sse(data) -> str:
     return f"data: {payload}\n\n"
 
 
-__all__ = ["EmbeddedEngine", "EngineError", "BASE", "sse"]
+__all__ = ["EmbeddedEngine", "EngineError", "sse"]
