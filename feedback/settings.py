@@ -42,6 +42,11 @@ def _path(value: str) -> Path:
     return Path(value).expanduser().resolve()
 
 
+def _program(value: str) -> Path:
+    # Not resolved: a virtual environment's python is a symlink that must stay one.
+    return Path(value).expanduser().absolute()
+
+
 def _log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -73,6 +78,13 @@ VARIABLES: dict[str, Var] = {
         # Key for admin routes (promote, rollback, adapter loading).
         Var("PERSONA_ADMIN_KEY", _keys, lambda: (),
             "Comma-separated admin keys for the gateway's admin routes.", secret=True),
+        # Key between the gateway and an engine it started (set by `persona up`, random).
+        Var("PERSONA_ENGINE_API_KEY", str, lambda: "",
+            "Bearer key the embedded engine requires (set by `persona up` for the engine it starts).",
+            secret=True),
+        # Interpreter of the virtual environment vLLM is installed in.
+        Var("PERSONA_VLLM_PYTHON", _program, lambda: REPO_ROOT / ".venv-vllm" / "bin" / "python",
+            "Python interpreter with vLLM installed (`make vllm-env` creates .venv-vllm)."),
         # Log verbosity for every process.
         Var("PERSONA_LOG_LEVEL", _log_level, lambda: "INFO",
             "Logging level: DEBUG, INFO, WARNING or ERROR."),

@@ -5,6 +5,7 @@
     persona train sft --persona teto [--recipe FILE] [--qlora]
     persona adapters list|promote|rollback
     persona chat --persona teto "message"
+    persona up [--engine embedded|vllm] [--port 7860]
     persona engine [--port 8001]
     persona data check [FILE ...]
     persona bench sft
@@ -72,11 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", default="en", help="language of records in the given files")
     p.set_defaults(func=c.data_check)
 
+    p = sub.add_parser("up", help="start everything: engine and gateway (OpenAI API on 127.0.0.1:7860)")
+    from serve import cli_up
+
+    cli_up.add_arguments(p)
+    p.set_defaults(func=cli_up.up)
+
     p = sub.add_parser("engine", help="serve the embedded engine (vLLM's OpenAI protocol) with the active adapters")
     p.add_argument("--host", default="127.0.0.1", help="bind address (keep it on loopback: the engine has no auth)")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens per sequence")
     p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
+    p.add_argument("--no-adapters", action="store_true", help="start with the base model only")
     p.set_defaults(func=c.engine)
 
     bench = sub.add_parser("bench", help="benchmarks that print comparable figures")

@@ -124,11 +124,12 @@ def engine(args) -> None:
     engine = EmbeddedEngine(base_model.resolve(), max_model_len=args.max_model_len, max_batch=args.max_batch)
 
     async def load_active_adapters():
-        for adapter in registry.active_adapters():
+        for adapter in [] if args.no_adapters else registry.active_adapters():
             await engine.load_adapter(adapter.name, str(adapter.path))
             err.print(f"loaded {adapter.name} from {adapter.path}")
 
-    app = create_app(engine, on_start=load_active_adapters)
+    key = settings.get("PERSONA_ENGINE_API_KEY") or None
+    app = create_app(engine, on_start=load_active_adapters, api_key=key)
     asyncio.run(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).serve())
 
 

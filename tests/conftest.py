@@ -57,6 +57,20 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     return out
 
 
+def make_lora(base_dir: Path, out: Path, seed: int, rank: int = 4) -> str:
+    """A random LoRA adapter (B non-zero, so it changes the outputs) for the model in base_dir."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    peft.save_pretrained(out)
+    return str(out)
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

@@ -10,24 +10,13 @@ import pytest
 import torch
 
 from bench.serve_speed import serve_in_thread
+from conftest import make_lora
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
-    """Two random LoRA adapters (B non-zero, so they change the outputs)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    paths = {}
-    for i, name in enumerate(["alpha", "beta"]):
-        torch.manual_seed(100 + i)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                init_lora_weights=False))
-        out = tmp_path_factory.mktemp("adapters") / name
-        peft.save_pretrained(out)
-        paths[name] = str(out)
-    return paths
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_lora(tiny_model_dir, root / name, 100 + i) for i, name in enumerate(["alpha", "beta"])}
 
 
 @pytest.fixture(scope="module")

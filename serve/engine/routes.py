@@ -25,8 +25,13 @@ def error(status: int, message: str, type_: str = "BadRequestError", param: str 
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-def create_app(engine: EmbeddedEngine, on_start: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
-    """The engine's app; ``on_start`` runs once the decode loop is up (e.g. to load adapters)."""
+def create_app(engine: EmbeddedEngine, on_start: Callable[[], Awaitable[None]] | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The engine's app; ``on_start`` runs once the decode loop is up (e.g. to load adapters).
+
+    With ``api_key`` every route but ``/health`` needs ``Authorization: Bearer KEY``, as
+    vLLM's ``--api-key`` does.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -40,6 +45,16 @@ def create_app(engine: EmbeddedEngine, on_start: Callable[[], Awaitable[None]] |
 
     app = FastAPI(title="persona-chat embedded engine", lifespan=lifespan)
     app.state.engine = engine
+
+    if api_key:
+        import hmac
+
+        @app.middleware("http")
+        async def _key(request: Request, call_next):
+            given = request.headers.get("authorization", "")
+            if request.url.path != "/health" and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error(401, "Unauthorized", "AuthenticationError")
+            return await call_next(request)
 
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError):

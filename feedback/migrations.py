@@ -1,0 +1,35 @@
+"""Schema of the feedback store: ordered, append-only migrations.
+
+Each entry is applied once, in order, inside a transaction, and recorded in
+``schema_migrations``. Never edit or reorder an entry that has shipped: add a
+new one at the end.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[str, str]] = [
+    ("0001_turns", """
+        CREATE TABLE turns (
+            id                VARCHAR PRIMARY KEY,      -- the OpenAI response id (chatcmpl-...)
+            created_at        TIMESTAMP NOT NULL,
+            persona           VARCHAR,                  -- NULL when the base model was asked directly
+            adapter           VARCHAR,                  -- engine model name, e.g. teto-v3
+            adapter_version   INTEGER,
+            requested_model   VARCHAR NOT NULL,         -- what the caller sent: teto, teto@v3, ...
+            messages          JSON NOT NULL,            -- the prompt as sent to the engine
+            answers           JSON NOT NULL,            -- one string per choice (n)
+            finish_reasons    JSON NOT NULL,
+            sampling          JSON NOT NULL,            -- temperature, top_p, max_tokens, stop, seed, n
+            stream            BOOLEAN NOT NULL,
+            prompt_tokens     INTEGER,
+            completion_tokens INTEGER,
+            ttft_ms           DOUBLE,
+            latency_ms        DOUBLE NOT NULL,
+            client            VARCHAR NOT NULL,         -- key fingerprint or loopback address
+            user_tag          VARCHAR,                  -- OpenAI's optional `user` field
+            engine            VARCHAR,                  -- which engine replica answered
+            status            VARCHAR NOT NULL          -- ok | aborted | error
+        )
+    """),
+    ("0002_turns_by_persona", "CREATE INDEX turns_persona_created ON turns (persona, created_at)"),
+]

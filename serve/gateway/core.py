@@ -1,0 +1,108 @@
+"""The gateway's state and its non-HTTP logic: persona resolution, adapter
+hot-swap, turn records. ``app.py`` holds the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from feedback.store import Store, Turn
+from serve.gateway.catalog import Catalog, Target
+from serve.gateway.engines import EnginePool
+from serve.gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayConfig:
+    api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 1 << 20      # 1 MiB of JSON per request
+    max_in_flight: int = 256           # more concurrent chat requests than this get a 429
+    health_interval: float = 10.0      # seconds between engine health checks
+    engine_wait: float = 600.0         # how long start-up waits for the engines
+    drain_timeout: float = 120.0       # how long a swapped-out adapter may finish its requests
+
+
+class Gateway:
+    def __init__(self, load_catalog: Callable[[], Catalog], pool: EnginePool, store: Store,
+                 config: GatewayConfig | None = None):
+        self.load_catalog = load_catalog
+        self.catalog = load_catalog()
+        self.pool = pool
+        self.store = store
+        self.config = config or GatewayConfig()
+        self.metrics = Metrics()
+        self.in_flight = 0
+        self.adapter_in_flight: Counter[str] = Counter()
+        self._health_task: asyncio.Task | None = None
+        self._reload_lock = asyncio.Lock()
+
+    # ---- life cycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        if not self.config.api_keys:
+            log.warning("PERSONA_API_KEY is not set: the API serves loopback clients only")
+        if not self.config.admin_keys:
+            log.warning("PERSONA_ADMIN_KEY is not set: admin routes serve loopback clients only")
+        await self.pool.wait_healthy(self.config.engine_wait)
+        for target in self.catalog.active_targets():
+            await self.pool.ensure_loaded(target.adapter, target.path)
+        self._health_task = asyncio.create_task(self._watch_health())
+        log.info("gateway ready: %s", ", ".join(t.model_id for t in self.catalog.active_targets()) or "no personas")
+
+    async def stop(self) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+        await self.pool.close()
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            try:
+                await self.pool.check()
+            except Exception:  # keep watching whatever one check did
+                log.exception("engine health check failed")
+
+    # ---- adapters ----------------------------------------------------------------------
+    async def prepare(self, target: Target) -> None:
+        """Make sure the target's adapter is on the engines (pinned versions load on first use)."""
+        if not all(target.adapter in r.loaded for r in self.pool.replicas if r.healthy):
+            await self.pool.ensure_loaded(target.adapter, target.path)
+
+    async def reload(self) -> dict:
+        """Re-read the catalog and hot-swap: load each newly active adapter under its own
+        name, switch the alias, let requests on the old version finish, then unload it."""
+        async with self._reload_lock:
+            new = self.load_catalog()
+            for target in new.active_targets():
+                await self.pool.ensure_loaded(target.adapter, target.path)
+            old_names = {t.adapter for t in self.catalog.active_targets()}
+            self.catalog = new  # the switch: new requests resolve to the new versions from here
+            new_names = {t.adapter for t in new.active_targets()}
+            for name in sorted(old_names - new_names):
+                await self._drain(name)
+                await self.pool.unload(name)
+                log.info("adapter %s unloaded after the swap", name)
+            return {t.persona: t.adapter for t in new.active_targets()}
+
+    async def _drain(self, adapter: str) -> None:
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.adapter_in_flight[adapter] and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    # ---- turns -------------------------------------------------------------------------
+    def record(self, turn: Turn, target: Target) -> None:
+        """Write a served turn to the store and count it in the metrics."""
+        self.store.add_turn(turn)
+        labels = (target.persona, target.adapter)
+        self.metrics.requests.labels(*labels, turn.status).inc()
+        self.metrics.latency.labels(*labels).observe(turn.latency_ms / 1000)
+        if turn.ttft_ms is not None:
+            self.metrics.ttft.labels(*labels).observe(turn.ttft_ms / 1000)
+        self.metrics.tokens.labels(*labels, "prompt").inc(turn.prompt_tokens or 0)
+        self.metrics.tokens.labels(*labels, "completion").inc(turn.completion_tokens or 0)

@@ -1,0 +1,183 @@
+"""The gateway's client for its engines: one or several replicas speaking vLLM's protocol.
+
+Requests go to the healthy replica with the fewest requests in flight. A
+replica that refuses the connection is marked down and the request is tried
+on the next one (only before any byte was sent back, so nothing is
+duplicated). Adapters are loaded onto every replica; a replica that comes
+back up gets them again on the next health check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamError(Exception):
+    """An engine answered with an error (status and message passed on to the caller)."""
+
+    def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def parse_error(status: int, body: bytes) -> UpstreamError:
+    """Read an engine's error body: OpenAI's ``{"error": {...}}`` or vLLM's flat ``{"message", ...}``."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return UpstreamError(status, body.decode(errors="replace")[:500] or f"engine answered HTTP {status}")
+    if isinstance(data, dict):
+        inner = data.get("error") if isinstance(data.get("error"), dict) else data
+        message = inner.get("message") or inner.get("detail") or json.dumps(data)[:500]
+        return UpstreamError(status, str(message), str(inner.get("type") or "BadRequestError"), inner.get("param"))
+    return UpstreamError(status, str(data)[:500])
+
+
+@dataclass
+class Replica:
+    url: str
+    healthy: bool = True
+    in_flight: int = 0
+    loaded: set[str] = field(default_factory=set)  # adapter names this gateway loaded there
+    served: int = 0
+
+
+class EnginePool:
+    def __init__(self, urls: list[str], api_key: str | None = None, timeout: float = 600.0):
+        if not urls:
+            raise ValueError("at least one engine URL is needed")
+        self.replicas = [Replica(u.rstrip("/")) for u in urls]
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout, connect=5.0), limits=limits)
+        self._adapter_locks: dict[str, asyncio.Lock] = {}
+        self.wanted: dict[str, str] = {}  # adapter name -> path, kept loaded on every replica
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    # ---- health ------------------------------------------------------------------------
+    async def check(self) -> list[Replica]:
+        async def one(r: Replica):
+            try:
+                ok = (await self.http.get(r.url + "/health", timeout=5.0)).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok and not r.healthy:
+                log.info("engine %s is back", r.url)
+                r.loaded.clear()  # it may have restarted without our adapters
+            if not ok and r.healthy:
+                log.warning("engine %s is down", r.url)
+            r.healthy = ok
+
+        await asyncio.gather(*(one(r) for r in self.replicas))
+        if any(r.healthy for r in self.replicas):
+            await self.sync_adapters()
+        return self.replicas
+
+    async def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.check()
+            if all(r.healthy for r in self.replicas):
+                return
+            if time.monotonic() > deadline:
+                down = ", ".join(r.url for r in self.replicas if not r.healthy)
+                raise TimeoutError(f"engine(s) not healthy after {timeout:.0f} s: {down}")
+            await asyncio.sleep(0.5)
+
+    def pick(self, exclude: set[str] = frozenset()) -> Replica:
+        up = [r for r in self.replicas if r.healthy and r.url not in exclude]
+        if not up:
+            raise UpstreamError(503, "No engine is available right now; try again shortly.",
+                                "ServiceUnavailableError")
+        return min(up, key=lambda r: (r.in_flight, r.served))
+
+    # ---- adapters ----------------------------------------------------------------------
+    async def _post(self, replica: Replica, route: str, body: dict) -> httpx.Response:
+        return await self.http.post(replica.url + route, json=body)
+
+    async def ensure_loaded(self, name: str, path: str) -> None:
+        """Load an adapter on every healthy replica that does not have it yet."""
+        self.wanted[name] = path
+        lock = self._adapter_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            for r in self.replicas:
+                if not r.healthy or name in r.loaded:
+                    continue
+                resp = await self._post(r, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+                if resp.status_code == 200 or (resp.status_code == 400 and "already" in resp.text):
+                    r.loaded.add(name)
+                    log.info("adapter %s loaded on %s", name, r.url)
+                else:
+                    raise parse_error(resp.status_code, resp.content)
+
+    async def unload(self, name: str) -> None:
+        self.wanted.pop(name, None)
+        for r in self.replicas:
+            if r.healthy:
+                resp = await self._post(r, "/v1/unload_lora_adapter", {"lora_name": name})
+                if resp.status_code not in (200, 404):
+                    raise parse_error(resp.status_code, resp.content)
+            r.loaded.discard(name)
+
+    async def sync_adapters(self) -> None:
+        for name, path in list(self.wanted.items()):
+            try:
+                await self.ensure_loaded(name, path)
+            except (UpstreamError, httpx.HTTPError) as exc:
+                log.warning("could not load adapter %s: %s", name, exc)
+
+    async def broadcast(self, route: str, body: dict) -> httpx.Response:
+        """Send an admin request to every healthy replica; the first non-200 answer wins."""
+        last = None
+        for r in self.replicas:
+            if r.healthy:
+                last = await self._post(r, route, body)
+                if last.status_code != 200:
+                    return last
+        if last is None:
+            raise UpstreamError(503, "No engine is available right now.", "ServiceUnavailableError")
+        return last
+
+    # ---- chat --------------------------------------------------------------------------
+    async def open_chat(self, body: dict) -> tuple[Replica, httpx.Response]:
+        """Send a chat request; returns the replica and the open (streamed) response.
+
+        Connection failures move on to the next replica. The caller must call
+        ``finish(replica, response)``.
+        """
+        tried: set[str] = set()
+        while True:
+            replica = self.pick(tried)
+            replica.in_flight += 1
+            try:
+                request = self.http.build_request("POST", replica.url + "/v1/chat/completions", json=body)
+                response = await self.http.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+                replica.in_flight -= 1
+                replica.healthy = False
+                tried.add(replica.url)
+                log.warning("engine %s failed (%s); trying another", replica.url, type(exc).__name__)
+                continue
+            except BaseException:
+                replica.in_flight -= 1
+                raise
+            replica.served += 1
+            if response.status_code != 200:
+                content = await response.aread()
+                await self.finish(replica, response)
+                raise parse_error(response.status_code, content)
+            return replica, response
+
+    async def finish(self, replica: Replica, response: httpx.Response) -> None:
+        replica.in_flight -= 1
+        await response.aclose()
