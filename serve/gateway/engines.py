@@ -84,14 +84,18 @@ class EnginePool:
         return self.replicas
 
     async def wait_healthy(self, timeout: float) -> None:
+        """Return once at least one replica answers /health (the others join when they do)."""
         deadline = time.monotonic() + timeout
         while True:
             await self.check()
-            if all(r.healthy for r in self.replicas):
+            if any(r.healthy for r in self.replicas):
+                down = [r.url for r in self.replicas if not r.healthy]
+                if down:
+                    log.warning("starting with engine(s) down: %s", ", ".join(down))
                 return
             if time.monotonic() > deadline:
-                down = ", ".join(r.url for r in self.replicas if not r.healthy)
-                raise TimeoutError(f"engine(s) not healthy after {timeout:.0f} s: {down}")
+                urls = ", ".join(r.url for r in self.replicas)
+                raise TimeoutError(f"no engine became healthy within {timeout:.0f} s: {urls}")
             await asyncio.sleep(0.5)
 
     def pick(self, exclude: set[str] = frozenset()) -> Replica:
