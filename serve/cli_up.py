@@ -11,10 +11,7 @@ that wires ``train`` (the adapter registry, the base model) to ``serve``.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import subprocess
-import sys
 import time
 
 from rich.console import Console
@@ -51,36 +48,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="gateway bind address")
     parser.add_argument("--port", type=int, default=7860, help="gateway port")
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--database", help="feedback store file (default: PERSONA_HOME/feedback.duckdb)")
     parser.add_argument("--vllm-arg", action="append", default=[],
                         help="extra argument for the vLLM server (repeatable), e.g. --vllm-arg=--dtype=bfloat16")
 
 
-@contextlib.contextmanager
-def embedded_engine(port: int, key: str, max_model_len: int):
-    """Run the embedded engine as a child process (its decode loop then never competes
-    with the gateway's event loop for the interpreter lock)."""
-    log_path = settings.runs_dir() / "logs" / f"engine-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PERSONA_ENGINE_API_KEY": key}
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "engine", "--port", str(port), "--no-adapters",
-                                 "--max-model-len", str(max_model_len)],
-                                env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
-        err.print(f"embedded engine starting on 127.0.0.1:{port} (log: {log_path})")
-        try:
-            yield f"http://127.0.0.1:{port}", proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+def engine_args(port: int, max_model_len: int) -> list[str]:
+    """``persona engine`` as ``persona up`` runs it: a child process (its decode loop then
+    never competes with the gateway's event loop for the interpreter lock), loopback,
+    no adapters of its own (the gateway loads them)."""
+    return ["engine", "--port", str(port), "--no-adapters", "--max-model-len", str(max_model_len)]
+
+
+def log_file(name: str):
+    return settings.runs_dir() / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def up(args) -> None:
     import uvicorn
 
-    from bench.serve_speed import free_port
+    from serve.processes import free_port, persona_process
     from feedback.store import Store
     from serve.engine.vllm_launcher import LaunchError, VLLMConfig, VLLMServer
     from serve.gateway.app import create_gateway_app
@@ -91,7 +78,7 @@ def up(args) -> None:
     catalog = load_catalog()
     if not catalog.active_targets():
         raise UserError("no persona has an adapter yet: run `persona setup` first")
-    store = Store.open()
+    store = Store.open(args.database)
     with contextlib.ExitStack() as stack:
         stack.callback(store.close)
         if args.engine_url:
@@ -102,7 +89,7 @@ def up(args) -> None:
             config = VLLMConfig(python=str(settings.get("PERSONA_VLLM_PYTHON")), model=base_model.resolve(),
                                 adapters=adapters, port=free_port(), api_key=key, max_model_len=args.max_model_len,
                                 extra_args=args.vllm_arg,
-                                log_file=str(settings.runs_dir() / "logs" / f"vllm-{time.strftime('%Y%m%d-%H%M%S')}.log"))
+                                log_file=str(log_file("vllm")))
             err.print(f"starting vLLM on 127.0.0.1:{config.port} (log: {config.log_file}); this takes a minute")
             try:
                 server = stack.enter_context(VLLMServer(config))
@@ -112,8 +99,10 @@ def up(args) -> None:
         else:
             key = secrets.token_urlsafe(24)
             base_model.resolve()  # provision before the engine needs it
-            url, _ = stack.enter_context(embedded_engine(free_port(), key, args.max_model_len))
-            urls = [url]
+            port, log = free_port(), log_file("engine")
+            err.print(f"embedded engine starting on 127.0.0.1:{port} (log: {log})")
+            urls = [stack.enter_context(persona_process(engine_args(port, args.max_model_len), port, log,
+                                                        env={"PERSONA_ENGINE_API_KEY": key}))]
         pool = EnginePool(urls, api_key=key)
         gateway = Gateway(load_catalog, pool, store, GatewayConfig(
             api_keys=settings.get("PERSONA_API_KEY"), admin_keys=settings.get("PERSONA_ADMIN_KEY")))

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.serve_speed import free_port, serve_in_thread
+from serve.processes import free_port, serve_in_thread
 from conftest import make_lora
 
 API_KEY, ADMIN_KEY = "test-api-key", "test-admin-key"

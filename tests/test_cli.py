@@ -89,7 +89,7 @@ def test_train_list_chat_end_to_end(tmp_path, tiny_model_dir):
 
     import httpx
 
-    from bench.serve_speed import free_port
+    from serve.processes import free_port
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "serve.cli", "engine", "--port", str(port)],
@@ -121,10 +121,18 @@ def test_bench_sft_prints_every_configuration_side_by_side(tiny_model_dir):
     assert "speed vs ours" in result.stdout and "1.00x" in result.stdout
 
 
-def test_bench_serve_compares_engine_and_naive_server(tiny_model_dir):
-    result = persona("bench", "serve", "--clients", "1,2", "--requests", "1", "--max-tokens", "4",
-                     env={"PERSONA_BASE_MODEL": str(tiny_model_dir)})
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_bench_serve_compares_gateway_engine_and_naive_server(tiny_model_dir):
+    from conftest import make_lora
+    from train import registry
+
+    staging = registry.staging_dir("teto")
+    make_lora(tiny_model_dir, staging, seed=1)
+    registry.set_active("teto", registry.commit("teto", staging, {"kind": "sft"}).version)
+    result = persona("bench", "serve", "--clients", "1,2", "--requests", "1", "--max-tokens", "4", "--no-vllm",
+                     env={"PERSONA_BASE_MODEL": str(tiny_model_dir), "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
-    assert len(rows) == 4 and "embedded engine" in result.stdout and "naive" in result.stdout
-    assert "1.00x" in result.stdout
+    assert len(rows) == 6, result.stdout
+    for label in ("gateway -> embedded", "embedded engine", "naive"):
+        assert sum(label in row for row in rows) == 2
+    assert "teto-v1" in result.stdout and "1.00x" in result.stdout

@@ -7,9 +7,8 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
-from bench.serve_speed import serve_in_thread
+from serve.processes import serve_in_thread
 from conftest import make_lora
 
 

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from bench.serve_speed import free_port, serve_in_thread
+from serve.processes import free_port, serve_in_thread
 from conftest import make_lora
 from serve.gateway import auth
 from serve.gateway.catalog import Catalog, PersonaInfo, UnknownModel
@@ -64,7 +64,7 @@ def test_replicas_share_load_and_a_dead_one_is_skipped(tiny_model_dir, tmp_path)
     from serve.engine.embedded import EmbeddedEngine
     from serve.engine.routes import create_app
     from serve.gateway.app import create_gateway_app
-    from serve.gateway.core import Gateway, GatewayConfig
+    from serve.gateway.core import Gateway
     from serve.gateway.engines import EnginePool
 
     adapter = make_lora(tiny_model_dir, tmp_path / "teto1", 5)

@@ -1,0 +1,75 @@
+"""Local servers: free loopback ports, an ASGI app in a thread, ``persona ...`` in a child process.
+
+Used by ``persona up`` (the engine it starts), the benchmarks and the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_in_thread(app) -> tuple[str, object]:
+    """Serve an ASGI app on a free loopback port from a daemon thread; returns (url, server)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server on port {port} did not start")
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"server exited with code {proc.returncode} while starting; log {log}:\n{tail}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} was not healthy after {timeout:.0f} s (log: {log})")
+
+
+@contextlib.contextmanager
+def persona_process(args: list[str], port: int, log: Path, env: dict | None = None, timeout: float = 300):
+    """Run ``persona ARGS`` as a child process; yield its loopback URL once /health answers."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    environment = {**os.environ, **(env or {})}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "serve.cli", *args], env=environment,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_for(url, proc, timeout, log)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
