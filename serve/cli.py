@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens per sequence")
     p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
     p.add_argument("--no-adapters", action="store_true", help="start with the base model only")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="weights and activations (auto: bfloat16 where the hardware has native bf16)")
     p.set_defaults(func=c.engine)
 
     bench = sub.add_parser("bench", help="benchmarks that print comparable figures")

