@@ -84,28 +84,25 @@ def test_train_list_chat_end_to_end(tmp_path, tiny_model_dir):
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.startswith("Tiny:") and "tiny-v1" in chat.stderr
 
-    # The engine serves the active adapter under its versioned name.
-    import time
+    # `persona up`: engine + gateway; a chat through the official client lands in the store.
+    import openai
 
-    import httpx
-
-    from serve.processes import free_port
+    from feedback.store import Store
+    from serve.processes import free_port, persona_process
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "serve.cli", "engine", "--port", str(port)],
-                              env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        names = []
-        for _ in range(200):
-            try:
-                names = [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]]
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        assert "tiny-v1" in names
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
+    with persona_process(["up", "--port", str(port)], port, tmp_path / "up.log", env=env) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny", "tiny@v1"]
+        reply = client.chat.completions.create(model="tiny", max_tokens=4,
+                                               messages=[{"role": "user", "content": "hello"}])
+        assert reply.model == "tiny@v1"
+    log = (tmp_path / "up.log").read_text()
+    assert "serves loopback clients only" in log and "gateway ready: tiny@v1" in log
+    store = Store.open()  # the gateway has exited, so the file is free
+    turn = store.turn(reply.id)
+    assert (turn.persona, turn.adapter_version, turn.messages[0]["content"]) == ("tiny", 1, "Be short.")
+    store.close()
 
 
 def test_bench_sft_prints_every_configuration_side_by_side(tiny_model_dir):
