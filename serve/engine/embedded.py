@@ -75,13 +75,16 @@ class EmbeddedEngine:
         def load():
             from peft import PeftModel
 
+            # Adapter weights in the model's dtype: peft's default keeps them in fp32 and
+            # casts every LoRA input, which made bf16 decode steps at batch 16 1.35x slower.
             if not hasattr(self.model, "peft_config"):
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name,
+                                                       autocast_adapter_dtype=False)
                 self.batcher.model = self.model
             else:
                 if name in self.model.peft_config:
                     self.model.delete_adapter(name)
-                self.model.load_adapter(path, adapter_name=name)
+                self.model.load_adapter(path, adapter_name=name, autocast_adapter_dtype=False)
             self.model.eval()
 
         try:
