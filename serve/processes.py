@@ -55,16 +55,29 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> Non
     raise RuntimeError(f"{url} was not healthy after {timeout:.0f} s (log: {log})")
 
 
+class Child(str):
+    """A child server's loopback URL (a ``str``) that also knows the process's id."""
+
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far (Linux)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def persona_process(args: list[str], port: int, log: Path, env: dict | None = None, timeout: float = 300):
-    """Run ``persona ARGS`` as a child process; yield its loopback URL once /health answers."""
+    """Run ``persona ARGS`` as a child process; yield its loopback URL (a ``Child``) once
+    /health answers."""
     log.parent.mkdir(parents=True, exist_ok=True)
     environment = {**os.environ, **(env or {})}
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "serve.cli", *args], env=environment,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         try:
-            url = f"http://127.0.0.1:{port}"
+            url = Child(f"http://127.0.0.1:{port}")
+            url.pid = proc.pid
             wait_for(url, proc, timeout, log)
             yield url
         finally:

@@ -133,3 +133,4 @@ def test_bench_serve_compares_gateway_engine_and_naive_server(tiny_model_dir):
     for label in ("gateway -> embedded", "embedded engine", "naive"):
         assert sum(label in row for row in rows) == 2
     assert "teto-v1" in result.stdout and "1.00x" in result.stdout
+    assert all("%" in row for row in rows if "gateway" in row), "the gateway's own CPU share is shown"
