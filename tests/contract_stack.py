@@ -6,7 +6,6 @@ way ``persona up --engine vllm`` starts it."""
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +42,7 @@ def catalog(adapters: dict[str, str], teto_active: int = 1):
 def vllm_python() -> str | None:
     from feedback import settings
 
-    path = Path(os.environ.get("PERSONA_TEST_VLLM_PYTHON") or settings.get("PERSONA_VLLM_PYTHON"))
+    path = Path(settings.get("PERSONA_VLLM_PYTHON"))
     return str(path) if path.is_file() else None
 
 
