@@ -32,4 +32,31 @@ MIGRATIONS: list[tuple[str, str]] = [
         )
     """),
     ("0002_turns_by_persona", "CREATE INDEX turns_persona_created ON turns (persona, created_at)"),
+    ("0003_votes", """
+        CREATE TABLE votes (
+            turn_id       VARCHAR NOT NULL,
+            choice_index  INTEGER NOT NULL,           -- which of the turn's n answers
+            client        VARCHAR NOT NULL,           -- who voted: key fingerprint or UI session
+            vote          VARCHAR NOT NULL CHECK (vote IN ('up', 'down')),
+            reason        VARCHAR,
+            comment       VARCHAR,
+            user_name     VARCHAR,
+            created_at    TIMESTAMP NOT NULL,
+            updated_at    TIMESTAMP NOT NULL,
+            retracted_at  TIMESTAMP,                  -- set by a retract; a new vote clears it
+            PRIMARY KEY (turn_id, choice_index, client)
+        )
+    """),
+    ("0004_comparisons", """
+        CREATE TABLE comparisons (
+            id          VARCHAR PRIMARY KEY,
+            turn_a      VARCHAR NOT NULL,
+            turn_b      VARCHAR NOT NULL,
+            choice      VARCHAR NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
+            left_turn   VARCHAR NOT NULL,             -- the turn shown on the left (position bias)
+            client      VARCHAR NOT NULL,
+            user_name   VARCHAR,
+            created_at  TIMESTAMP NOT NULL
+        )
+    """),
 ]

@@ -145,3 +145,9 @@ class Store:
         """Run a read query (parameterised) and return all rows."""
         with self._lock:
             return self._con.execute(sql, params or []).fetchall()
+
+    def execute(self, sql: str, params: list | None = None) -> list[tuple]:
+        """Run one parameterised write; it is committed when this returns."""
+        with self._lock:
+            cur = self._con.execute(sql, params or [])
+            return cur.fetchall() if cur.description else []

@@ -135,6 +135,25 @@ class UnloadLoRAAdapterRequest(BaseModel):
     lora_int_id: int | None = None
 
 
+class FeedbackRequest(BaseModel):
+    """A thumbs vote on one answer of a turn; ``retract`` removes the caller's vote."""
+
+    turn_id: str = Field(min_length=1, max_length=64)
+    vote: str = Field(min_length=1, max_length=16)  # up | down | retract (checked with a clear message)
+    choice_index: int = Field(default=0, ge=0, le=MAX_N - 1)
+    reason: str | None = None
+    comment: str | None = None
+
+
+class ComparisonRequest(BaseModel):
+    """Which of two answers to the same context is better; ``left`` says which one was shown on the left."""
+
+    turn_a: str = Field(min_length=1, max_length=64)
+    turn_b: str = Field(min_length=1, max_length=64)
+    choice: str = Field(min_length=1, max_length=16)  # a | b | tie | both_bad
+    left: str = Field(default="a", min_length=1, max_length=1)
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str

@@ -181,6 +181,28 @@ def test_disconnected_stream_is_logged_as_aborted(s):
     assert turn is not None and turn.status == "aborted"
 
 
+def test_feedback_and_comparisons_through_the_api(client, s):
+    post = lambda route, body, key=API_KEY: httpx.post(  # noqa: E731
+        s.url + route, json=body, headers={"Authorization": f"Bearer {key}"})
+    first, second = ask(client, content="Same question?"), ask(client, content="Same question?", temperature=1.0)
+    voted = post("/v1/feedback", {"turn_id": first.id, "vote": "up", "reason": "helpful"})
+    assert voted.status_code == 200 and voted.json()["status"] == "recorded"
+    assert post("/v1/feedback", {"turn_id": first.id, "vote": "down"}).status_code == 200
+    rows = s.store.query("SELECT vote, reason, retracted_at FROM votes WHERE turn_id = ?", [first.id])
+    assert rows == [("down", None, None)], "posting again changes the vote"
+    assert post("/v1/feedback", {"turn_id": first.id, "vote": "retract"}).json()["status"] == "retracted"
+    unknown = post("/v1/feedback", {"turn_id": "chatcmpl-nope", "vote": "up"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "turn_id"
+    assert post("/v1/feedback", {"turn_id": first.id, "vote": "up"}, key="second-key").status_code == 403
+    compared = post("/v1/comparisons", {"turn_a": first.id, "turn_b": second.id, "choice": "b", "left": "b"})
+    assert compared.status_code == 200
+    assert s.store.query("SELECT choice, left_turn FROM comparisons WHERE id = ?", [compared.json()["id"]]) == [
+        ("b", second.id)]
+    other = ask(client, content="A different question")
+    mixed = post("/v1/comparisons", {"turn_a": first.id, "turn_b": other.id, "choice": "a"})
+    assert mixed.status_code == 400 and "different prompt contexts" in mixed.json()["error"]["message"]
+
+
 def test_reload_swaps_the_active_version(client, s):
     """Hot swap: the new version serves under its own name, the old one is unloaded."""
     s.state["catalog"] = catalog(s.adapters, teto_active=2)

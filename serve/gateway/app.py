@@ -2,6 +2,8 @@
 
     POST /v1/chat/completions     persona chat (streaming too); the response id is the turn id
     GET  /v1/models               personas (teto) and pinned versions (teto@v3)
+    POST /v1/feedback             thumbs up/down (or retract) on a turn served to the caller
+    POST /v1/comparisons          which of two answers to the same context is better
     POST /v1/load_lora_adapter    admin: vLLM's payload, sent to every engine replica
     POST /v1/unload_lora_adapter  admin
     POST /admin/reload            admin: re-read the adapter registry and hot-swap active versions
@@ -26,13 +28,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ValidationError
 
 from feedback.store import Turn
+from feedback.votes import FeedbackError, record_comparison, record_vote
 from serve.engine.embedded import sse
 from serve.gateway import auth
 from serve.gateway.catalog import Target, UnknownModel
 from serve.gateway.core import Gateway
 from serve.gateway.engines import UpstreamError, parse_error
 from serve.protocol import (
-    ChatCompletionRequest, ErrorInfo, ErrorResponse, LoadLoRAAdapterRequest, ModelCard, ModelList,
+    ChatCompletionRequest, ComparisonRequest, ErrorInfo, ErrorResponse, FeedbackRequest, LoadLoRAAdapterRequest, ModelCard, ModelList,
     UnloadLoRAAdapterRequest, completion_id,
 )
 
@@ -186,6 +189,30 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
         turn.latency_ms = (time.perf_counter() - started) * 1000
         await asyncio.to_thread(gateway.record, turn, target)  # logged before the answer is sent
         return JSONResponse(data)
+
+    # ---- feedback ------------------------------------------------------------------------
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        client = client_of(request)
+        body: FeedbackRequest = await read_json(request, FeedbackRequest)
+        try:
+            status = await asyncio.to_thread(record_vote, gateway.store, body.turn_id, body.vote, client,
+                                             body.choice_index, body.reason, body.comment)
+        except FeedbackError as exc:
+            raise GatewayError(exc.status, exc.message, exc.param) from None
+        return {"object": "feedback", "turn_id": body.turn_id, "choice_index": body.choice_index,
+                "vote": body.vote, "status": status}
+
+    @app.post("/v1/comparisons")
+    async def comparisons(request: Request):
+        client = client_of(request)
+        body: ComparisonRequest = await read_json(request, ComparisonRequest)
+        try:
+            comparison_id = await asyncio.to_thread(record_comparison, gateway.store, body.turn_a, body.turn_b,
+                                                    body.choice, body.left, client)
+        except FeedbackError as exc:
+            raise GatewayError(exc.status, exc.message, exc.param) from None
+        return {"object": "comparison", "id": comparison_id, "choice": body.choice}
 
     # ---- admin ---------------------------------------------------------------------------
     async def forward_admin(request: Request, route: str, model: type[BaseModel]):

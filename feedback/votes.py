@@ -1,0 +1,90 @@
+"""Votes and side-by-side comparisons on served turns.
+
+Checked before anything is written: the turn exists, the caller is the client
+it was served to, the answer index exists, and compared turns share the same
+prompt context. A refused vote changes nothing.
+
+    from feedback.votes import record_vote, record_comparison
+    record_vote(store, turn_id, "up", client="key:ab12...", reason="helpful")
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from feedback.errors import UserError
+from feedback.store import Store, Turn
+
+VOTES = ("up", "down", "retract")
+CHOICES = ("a", "b", "tie", "both_bad")
+MAX_REASON, MAX_COMMENT = 200, 2000
+
+
+class FeedbackError(UserError):
+    """A refused vote; ``status`` is the HTTP status the gateway answers with."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _own_turn(store: Store, turn_id: str, client: str, param: str) -> Turn:
+    turn = store.turn(turn_id)
+    if turn is None:
+        raise FeedbackError(404, f"No turn with id {turn_id!r}.", param)
+    if turn.client != client:
+        raise FeedbackError(403, f"Turn {turn_id!r} was not served to this key or session.", param)
+    return turn
+
+
+def record_vote(store: Store, turn_id: str, vote: str, client: str, choice_index: int = 0,
+                reason: str | None = None, comment: str | None = None, user_name: str | None = None) -> str:
+    """Record, change or retract a thumbs vote; returns what happened."""
+    if vote not in VOTES:
+        raise FeedbackError(400, f"vote must be one of {', '.join(VOTES)}, not {vote!r}.", "vote")
+    for name, value, limit in (("reason", reason, MAX_REASON), ("comment", comment, MAX_COMMENT)):
+        if value is not None and len(value) > limit:
+            raise FeedbackError(400, f"{name} is {len(value)} characters; the limit is {limit}.", name)
+    turn = _own_turn(store, turn_id, client, "turn_id")
+    if not 0 <= choice_index < len(turn.answers):
+        raise FeedbackError(400, f"Turn {turn_id!r} has {len(turn.answers)} answer(s); "
+                                 f"choice_index {choice_index} does not exist.", "choice_index")
+    now = _now()
+    key = [turn_id, choice_index, client]
+    if vote == "retract":
+        changed = store.execute("UPDATE votes SET retracted_at = ? WHERE turn_id = ? AND choice_index = ? "
+                                "AND client = ? AND retracted_at IS NULL RETURNING turn_id", [now, *key])
+        return "retracted" if changed else "nothing to retract"
+    store.execute(
+        "INSERT INTO votes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL) "
+        "ON CONFLICT (turn_id, choice_index, client) DO UPDATE SET vote = excluded.vote, "
+        "reason = excluded.reason, comment = excluded.comment, user_name = excluded.user_name, "
+        "updated_at = excluded.updated_at, retracted_at = NULL",
+        [*key, vote, reason, comment, user_name, now, now])
+    return "recorded"
+
+
+def record_comparison(store: Store, turn_a: str, turn_b: str, choice: str, left: str, client: str,
+                      user_name: str | None = None) -> str:
+    """Record which of two answers to the same context won; returns the comparison id."""
+    if choice not in CHOICES:
+        raise FeedbackError(400, f"choice must be one of {', '.join(CHOICES)}, not {choice!r}.", "choice")
+    if left not in ("a", "b"):
+        raise FeedbackError(400, f"left must be 'a' or 'b' (the answer shown on the left), not {left!r}.", "left")
+    if turn_a == turn_b:
+        raise FeedbackError(400, "turn_a and turn_b are the same turn.", "turn_b")
+    a = _own_turn(store, turn_a, client, "turn_a")
+    b = _own_turn(store, turn_b, client, "turn_b")
+    if a.messages != b.messages:
+        raise FeedbackError(400, "turn_a and turn_b answer different prompt contexts; only answers to the "
+                                 "same messages can be compared.", "turn_b")
+    comparison_id = f"cmp-{uuid.uuid4().hex}"
+    store.execute("INSERT INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                  [comparison_id, turn_a, turn_b, choice, turn_a if left == "a" else turn_b, client, user_name,
+                   _now()])
+    return comparison_id

@@ -1,0 +1,107 @@
+"""The feedback store: migrations, votes, comparisons, refusals that change nothing, concurrency."""
+
+from __future__ import annotations
+
+import threading
+
+import duckdb
+import pytest
+
+from feedback.migrations import MIGRATIONS
+from feedback.store import Store, Turn
+from feedback.votes import FeedbackError, record_comparison, record_vote
+
+
+def turn(turn_id: str, client: str = "key:a", content: str = "hi", answers=("yo",)) -> Turn:
+    return Turn(id=turn_id, requested_model="teto", messages=[{"role": "user", "content": content}],
+                answers=list(answers), finish_reasons=["stop"] * len(answers), sampling={}, stream=False,
+                latency_ms=1.0, client=client, persona="teto", adapter="teto-v1", adapter_version=1)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.open(tmp_path / "f.duckdb")
+    yield s
+    s.close()
+
+
+def counts(store):
+    return store.query("SELECT (SELECT count(*) FROM votes), (SELECT count(*) FROM comparisons)")[0]
+
+
+@pytest.mark.parametrize("applied", range(len(MIGRATIONS) + 1))
+def test_migrates_from_every_earlier_schema(tmp_path, applied):
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE schema_migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP NOT NULL)")
+    for name, sql in MIGRATIONS[:applied]:
+        con.execute(sql)
+        con.execute("INSERT INTO schema_migrations VALUES (?, now())", [name])
+    con.close()
+    store = Store.open(path)
+    assert store.migrations() == [name for name, _ in MIGRATIONS]
+    store.add_turn(turn("t1"))
+    assert record_vote(store, "t1", "up", "key:a") == "recorded"
+    store.close()
+
+
+def test_vote_change_and_retract(store):
+    store.add_turn(turn("t1", answers=("one", "two")))
+    record_vote(store, "t1", "up", "key:a", reason="helpful")
+    record_vote(store, "t1", "down", "key:a", comment="changed my mind")
+    record_vote(store, "t1", "up", "key:a", choice_index=1)
+    rows = store.query("SELECT choice_index, vote, reason, comment, retracted_at FROM votes ORDER BY choice_index")
+    assert rows == [(0, "down", None, "changed my mind", None), (1, "up", None, None, None)]
+    assert record_vote(store, "t1", "retract", "key:a") == "retracted"
+    assert record_vote(store, "t1", "retract", "key:a") == "nothing to retract"
+    assert store.query("SELECT retracted_at IS NOT NULL FROM votes WHERE choice_index = 0") == [(True,)]
+    record_vote(store, "t1", "up", "key:a")
+    assert store.query("SELECT vote, retracted_at FROM votes WHERE choice_index = 0") == [("up", None)]
+
+
+@pytest.mark.parametrize("call, status, says", [
+    (lambda s: record_vote(s, "nope", "up", "key:a"), 404, "No turn with id 'nope'"),
+    (lambda s: record_vote(s, "t1", "up", "key:b"), 403, "not served to this key"),
+    (lambda s: record_vote(s, "t1", "sideways", "key:a"), 400, "vote must be one of"),
+    (lambda s: record_vote(s, "t1", "up", "key:a", choice_index=3), 400, "has 1 answer"),
+    (lambda s: record_vote(s, "t1", "up", "key:a", comment="x" * 3000), 400, "the limit is 2000"),
+    (lambda s: record_comparison(s, "t1", "t3", "a", "a", "key:a"), 400, "different prompt contexts"),
+    (lambda s: record_comparison(s, "t1", "t2", "maybe", "a", "key:a"), 400, "choice must be one of"),
+    (lambda s: record_comparison(s, "t1", "nope", "a", "a", "key:a"), 404, "No turn"),
+])
+def test_refused_feedback_is_clear_and_changes_nothing(store, call, status, says):
+    store.add_turn(turn("t1"))
+    store.add_turn(turn("t2"))
+    store.add_turn(turn("t3", content="something else"))
+    before = counts(store)
+    with pytest.raises(FeedbackError, match=says) as err:
+        call(store)
+    assert err.value.status == status and counts(store) == before
+
+
+def test_comparison_keeps_left_right_order(store):
+    store.add_turn(turn("t1"))
+    store.add_turn(turn("t2", answers=("another",)))
+    cid = record_comparison(store, "t1", "t2", "b", left="b", client="key:a")
+    assert store.query("SELECT turn_a, turn_b, choice, left_turn FROM comparisons WHERE id = ?", [cid]) == [
+        ("t1", "t2", "b", "t2")]
+
+
+def test_concurrent_votes_all_land(store):
+    for i in range(200):
+        store.add_turn(turn(f"t{i}"))
+    errors = []
+
+    def voter(k: int):
+        try:
+            for i in range(k, 200, 8):
+                record_vote(store, f"t{i}", "up" if i % 3 else "down", "key:a")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=voter, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and counts(store)[0] == 200
