@@ -203,6 +203,15 @@ def test_feedback_and_comparisons_through_the_api(client, s):
     assert mixed.status_code == 400 and "different prompt contexts" in mixed.json()["error"]["message"]
 
 
+def test_adapter_lost_by_the_engine_is_loaded_again(client, s):
+    """An engine restarted (or unloaded by hand) between health checks: the gateway recovers."""
+    ask(client, model="egen")
+    gone = httpx.post(s.engine_url + "/v1/unload_lora_adapter", json={"lora_name": "egen-v1"},
+                      headers={"Authorization": f"Bearer {s.engine_key}"})
+    assert gone.status_code == 200
+    assert ask(client, model="egen").model == "egen@v1"
+
+
 def test_reload_swaps_the_active_version(client, s):
     """Hot swap: the new version serves under its own name, the old one is unloaded."""
     s.state["catalog"] = catalog(s.adapters, teto_active=2)

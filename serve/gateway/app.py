@@ -159,8 +159,7 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
             gateway.metrics.in_flight.dec()
 
         try:
-            await gateway.prepare(target)
-            replica, response = await gateway.pool.open_chat(upstream)
+            replica, response = await gateway.open_chat(target, upstream)
         except UpstreamError as exc:
             done()
             raise GatewayError(exc.status, exc.message, exc.param) from None

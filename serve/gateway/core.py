@@ -12,7 +12,7 @@ from typing import Callable
 
 from feedback.store import Store, Turn
 from serve.gateway.catalog import Catalog, Target
-from serve.gateway.engines import EnginePool
+from serve.gateway.engines import EnginePool, UpstreamError
 from serve.gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,24 @@ class Gateway:
         """Make sure the target's adapter is on the engines (pinned versions load on first use)."""
         if not all(target.adapter in r.loaded for r in self.pool.replicas if r.healthy):
             await self.pool.ensure_loaded(target.adapter, target.path)
+
+    async def open_chat(self, target: Target, upstream: dict):
+        """Send a chat request to an engine that has the target's adapter.
+
+        An engine that answers 404 for the adapter lost it (a restart between two health
+        checks, an unload by hand): the adapter is loaded again and the request retried once.
+        """
+        await self.prepare(target)
+        try:
+            return await self.pool.open_chat(upstream)
+        except UpstreamError as exc:
+            if exc.status != 404:
+                raise
+            log.warning("an engine no longer has %s; loading it again", target.adapter)
+            for replica in self.pool.replicas:
+                replica.loaded.discard(target.adapter)
+            await self.pool.ensure_loaded(target.adapter, target.path)
+            return await self.pool.open_chat(upstream)
 
     async def reload(self) -> dict:
         """Re-read the catalog and hot-swap: load each newly active adapter under its own
