@@ -33,19 +33,24 @@ MIGRATIONS: list[tuple[str, str]] = [
     """),
     ("0002_turns_by_persona", "CREATE INDEX turns_persona_created ON turns (persona, created_at)"),
     ("0003_votes", """
+        -- Append-only: a changed vote or a retraction is a new row; the latest row per
+        -- (turn, answer, client) is the vote that counts (view current_votes).
         CREATE TABLE votes (
             turn_id       VARCHAR NOT NULL,
             choice_index  INTEGER NOT NULL,           -- which of the turn's n answers
             client        VARCHAR NOT NULL,           -- who voted: key fingerprint or UI session
-            vote          VARCHAR NOT NULL CHECK (vote IN ('up', 'down')),
+            vote          VARCHAR NOT NULL CHECK (vote IN ('up', 'down', 'retract')),
             reason        VARCHAR,
             comment       VARCHAR,
             user_name     VARCHAR,
-            created_at    TIMESTAMP NOT NULL,
-            updated_at    TIMESTAMP NOT NULL,
-            retracted_at  TIMESTAMP,                  -- set by a retract; a new vote clears it
-            PRIMARY KEY (turn_id, choice_index, client)
-        )
+            created_at    TIMESTAMP NOT NULL
+        );
+        CREATE VIEW current_votes AS
+            SELECT * EXCLUDE (rn) FROM (
+                SELECT *, row_number() OVER (PARTITION BY turn_id, choice_index, client
+                                             ORDER BY created_at DESC) AS rn
+                FROM votes)
+            WHERE rn = 1 AND vote <> 'retract';
     """),
     ("0004_comparisons", """
         CREATE TABLE comparisons (

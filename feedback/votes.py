@@ -14,7 +14,7 @@ import uuid
 from datetime import datetime, timezone
 
 from feedback.errors import UserError
-from feedback.store import Store, Turn
+from feedback.store import Store
 
 VOTES = ("up", "down", "retract")
 CHOICES = ("a", "b", "tie", "both_bad")
@@ -33,40 +33,41 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def _own_turn(store: Store, turn_id: str, client: str, param: str) -> Turn:
-    turn = store.turn(turn_id)
-    if turn is None:
+def _own_turn(store: Store, turn_id: str, client: str, param: str) -> tuple[int, str]:
+    """(number of answers, messages JSON) of a turn served to ``client``."""
+    rows = store.query("SELECT client, json_array_length(answers), messages FROM turns WHERE id = ?", [turn_id])
+    if not rows:
         raise FeedbackError(404, f"No turn with id {turn_id!r}.", param)
-    if turn.client != client:
+    owner, answers, messages = rows[0]
+    if owner != client:
         raise FeedbackError(403, f"Turn {turn_id!r} was not served to this key or session.", param)
-    return turn
+    return answers, messages
 
 
 def record_vote(store: Store, turn_id: str, vote: str, client: str, choice_index: int = 0,
                 reason: str | None = None, comment: str | None = None, user_name: str | None = None) -> str:
-    """Record, change or retract a thumbs vote; returns what happened."""
+    """Record, change or retract a thumbs vote; returns what happened.
+
+    Votes are appended: a change or a retraction is a new row, so the history stays.
+    """
     if vote not in VOTES:
         raise FeedbackError(400, f"vote must be one of {', '.join(VOTES)}, not {vote!r}.", "vote")
     for name, value, limit in (("reason", reason, MAX_REASON), ("comment", comment, MAX_COMMENT)):
         if value is not None and len(value) > limit:
             raise FeedbackError(400, f"{name} is {len(value)} characters; the limit is {limit}.", name)
-    turn = _own_turn(store, turn_id, client, "turn_id")
-    if not 0 <= choice_index < len(turn.answers):
-        raise FeedbackError(400, f"Turn {turn_id!r} has {len(turn.answers)} answer(s); "
+    answers, _ = _own_turn(store, turn_id, client, "turn_id")
+    if not 0 <= choice_index < answers:
+        raise FeedbackError(400, f"Turn {turn_id!r} has {answers} answer(s); "
                                  f"choice_index {choice_index} does not exist.", "choice_index")
-    now = _now()
     key = [turn_id, choice_index, client]
     if vote == "retract":
-        changed = store.execute("UPDATE votes SET retracted_at = ? WHERE turn_id = ? AND choice_index = ? "
-                                "AND client = ? AND retracted_at IS NULL RETURNING turn_id", [now, *key])
-        return "retracted" if changed else "nothing to retract"
-    store.execute(
-        "INSERT INTO votes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL) "
-        "ON CONFLICT (turn_id, choice_index, client) DO UPDATE SET vote = excluded.vote, "
-        "reason = excluded.reason, comment = excluded.comment, user_name = excluded.user_name, "
-        "updated_at = excluded.updated_at, retracted_at = NULL",
-        [*key, vote, reason, comment, user_name, now, now])
-    return "recorded"
+        current = store.query("SELECT count(*) FROM current_votes WHERE turn_id = ? AND choice_index = ? "
+                              "AND client = ?", key)[0][0]
+        if not current:
+            return "nothing to retract"
+    store.execute("INSERT INTO votes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                  [*key, vote, reason, comment, user_name, _now()])
+    return "retracted" if vote == "retract" else "recorded"
 
 
 def record_comparison(store: Store, turn_a: str, turn_b: str, choice: str, left: str, client: str,
@@ -78,9 +79,9 @@ def record_comparison(store: Store, turn_a: str, turn_b: str, choice: str, left:
         raise FeedbackError(400, f"left must be 'a' or 'b' (the answer shown on the left), not {left!r}.", "left")
     if turn_a == turn_b:
         raise FeedbackError(400, "turn_a and turn_b are the same turn.", "turn_b")
-    a = _own_turn(store, turn_a, client, "turn_a")
-    b = _own_turn(store, turn_b, client, "turn_b")
-    if a.messages != b.messages:
+    _, a_messages = _own_turn(store, turn_a, client, "turn_a")
+    _, b_messages = _own_turn(store, turn_b, client, "turn_b")
+    if a_messages != b_messages:
         raise FeedbackError(400, "turn_a and turn_b answer different prompt contexts; only answers to the "
                                  "same messages can be compared.", "turn_b")
     comparison_id = f"cmp-{uuid.uuid4().hex}"

@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_speed.add_arguments(p)
     p.set_defaults(func=serve_speed.main)
 
+    p = bsub.add_parser("feedback", help="votes per second through the API, latency, none lost")
+    from bench import feedback_speed
+
+    feedback_speed.add_arguments(p)
+    p.set_defaults(func=feedback_speed.main)
+
     p = sub.add_parser("settings", help="show every environment variable, its value and meaning")
     p.set_defaults(func=c.show_settings)
     return parser

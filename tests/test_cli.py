@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 from tests.conftest import write_jsonl
 
@@ -118,13 +119,18 @@ def test_bench_sft_prints_every_configuration_side_by_side(tiny_model_dir):
     assert "speed vs ours" in result.stdout and "1.00x" in result.stdout
 
 
-def test_bench_serve_compares_gateway_engine_and_naive_server(tiny_model_dir):
+@pytest.fixture
+def teto_on_tiny_model(tiny_model_dir):
+    """teto with an active (random) adapter on the tiny model, in this test's PERSONA_HOME."""
     from conftest import make_lora
     from train import registry
 
     staging = registry.staging_dir("teto")
     make_lora(tiny_model_dir, staging, seed=1)
     registry.set_active("teto", registry.commit("teto", staging, {"kind": "sft"}).version)
+
+
+def test_bench_serve_compares_gateway_engine_and_naive_server(tiny_model_dir, teto_on_tiny_model):
     result = persona("bench", "serve", "--clients", "1,2", "--requests", "1", "--max-tokens", "4", "--no-vllm",
                      env={"PERSONA_BASE_MODEL": str(tiny_model_dir), "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
@@ -134,3 +140,13 @@ def test_bench_serve_compares_gateway_engine_and_naive_server(tiny_model_dir):
         assert sum(label in row for row in rows) == 2
     assert "teto-v1" in result.stdout and "1.00x" in result.stdout
     assert all("%" in row for row in rows if "gateway" in row), "the gateway's own CPU share is shown"
+
+
+def test_bench_feedback_finds_every_acknowledged_vote(tiny_model_dir, teto_on_tiny_model):
+    result = persona("bench", "feedback", "--votes", "60", "--clients", "4",
+                     env={"PERSONA_BASE_MODEL": str(tiny_model_dir), "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("│"))
+    cells = [c.strip() for c in row.strip("│").split("│")]
+    assert cells[:4] == ["4", "60", "60", "60"], row
+    assert "LOST" not in result.stdout

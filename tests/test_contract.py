@@ -188,8 +188,8 @@ def test_feedback_and_comparisons_through_the_api(client, s):
     voted = post("/v1/feedback", {"turn_id": first.id, "vote": "up", "reason": "helpful"})
     assert voted.status_code == 200 and voted.json()["status"] == "recorded"
     assert post("/v1/feedback", {"turn_id": first.id, "vote": "down"}).status_code == 200
-    rows = s.store.query("SELECT vote, reason, retracted_at FROM votes WHERE turn_id = ?", [first.id])
-    assert rows == [("down", None, None)], "posting again changes the vote"
+    rows = s.store.query("SELECT vote, reason FROM current_votes WHERE turn_id = ?", [first.id])
+    assert rows == [("down", None)], "posting again changes the vote"
     assert post("/v1/feedback", {"turn_id": first.id, "vote": "retract"}).json()["status"] == "retracted"
     unknown = post("/v1/feedback", {"turn_id": "chatcmpl-nope", "vote": "up"})
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "turn_id"

@@ -50,13 +50,15 @@ def test_vote_change_and_retract(store):
     record_vote(store, "t1", "up", "key:a", reason="helpful")
     record_vote(store, "t1", "down", "key:a", comment="changed my mind")
     record_vote(store, "t1", "up", "key:a", choice_index=1)
-    rows = store.query("SELECT choice_index, vote, reason, comment, retracted_at FROM votes ORDER BY choice_index")
-    assert rows == [(0, "down", None, "changed my mind", None), (1, "up", None, None, None)]
+    current = "SELECT choice_index, vote, reason, comment FROM current_votes ORDER BY choice_index"
+    assert store.query(current) == [(0, "down", None, "changed my mind"), (1, "up", None, None)]
     assert record_vote(store, "t1", "retract", "key:a") == "retracted"
     assert record_vote(store, "t1", "retract", "key:a") == "nothing to retract"
-    assert store.query("SELECT retracted_at IS NOT NULL FROM votes WHERE choice_index = 0") == [(True,)]
+    assert store.query(current) == [(1, "up", None, None)]
     record_vote(store, "t1", "up", "key:a")
-    assert store.query("SELECT vote, retracted_at FROM votes WHERE choice_index = 0") == [("up", None)]
+    assert store.query(current)[0] == (0, "up", None, None)
+    history = store.query("SELECT vote FROM votes WHERE choice_index = 0 ORDER BY created_at")
+    assert [v for (v,) in history] == ["up", "down", "retract", "up"], "the history is kept"
 
 
 @pytest.mark.parametrize("call, status, says", [
