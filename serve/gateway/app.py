@@ -17,26 +17,22 @@ Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from feedback.store import Turn
 from feedback.votes import FeedbackError, record_comparison, record_vote
 from serve.engine.embedded import sse
 from serve.gateway import auth
-from serve.gateway.catalog import Target, UnknownModel
-from serve.gateway.core import Gateway
+from serve.gateway.chat import open_chat
+from serve.gateway.core import Gateway, GatewayError
 from serve.gateway.engines import UpstreamError, parse_error
 from serve.protocol import (
-    ChatCompletionRequest, ComparisonRequest, ErrorInfo, ErrorResponse, FeedbackRequest, LoadLoRAAdapterRequest, ModelCard, ModelList,
-    UnloadLoRAAdapterRequest, completion_id,
+    ChatCompletionRequest, ComparisonRequest, ErrorInfo, ErrorResponse, FeedbackRequest, LoadLoRAAdapterRequest,
+    ModelCard, ModelList, UnloadLoRAAdapterRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -44,12 +40,6 @@ log = logging.getLogger(__name__)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
                503: "server_error"}
-
-
-class GatewayError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 def error_body(status: int, message: str, param=None, code=None) -> dict:
@@ -108,12 +98,6 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
             message = first["msg"] if first["type"] != "json_invalid" else "The body is not valid JSON."
             raise GatewayError(400, f"{param or 'body'}: {message}", param=param) from None
 
-    def resolve(model: str) -> Target:
-        try:
-            return gateway.catalog.resolve(model)
-        except UnknownModel as exc:
-            raise GatewayError(404, exc.message, param="model", code="model_not_found") from None
-
     # ---- public --------------------------------------------------------------------------
     @app.get("/health")
     async def health():
@@ -131,63 +115,17 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
     async def chat(request: Request):
         client = client_of(request)
         body: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
-        target = resolve(body.model)
-        if gateway.in_flight >= cfg.max_in_flight:
-            raise GatewayError(429, f"Too many requests in flight (limit {cfg.max_in_flight}); retry shortly.")
-        messages = [m.model_dump() for m in body.messages]
-        if not any(m["role"] == "system" for m in messages):
-            messages.insert(0, {"role": "system", "content": target.system_prompt})
-        sampling = {"n": body.n, "temperature": body.temperature, "top_p": body.top_p,
-                    "max_tokens": body.max_completion_tokens or body.max_tokens, "stop": body.stop or None,
-                    "seed": body.seed}
-        upstream = {"model": target.adapter, "messages": messages, "stream": body.stream,
-                    **{k: v for k, v in sampling.items() if v is not None}}
-        if body.stream:
-            upstream["stream_options"] = {"include_usage": True}  # token counts for the store
-        turn = Turn(id=completion_id(), requested_model=body.model, messages=messages, answers=[""] * body.n,
-                    finish_reasons=[None] * body.n, sampling=sampling, stream=body.stream, latency_ms=0.0,
-                    client=client, persona=target.persona, adapter=target.adapter,
-                    adapter_version=target.version, user_tag=body.user)
-        started = time.perf_counter()
-        gateway.in_flight += 1
-        gateway.adapter_in_flight[target.adapter] += 1
-        gateway.metrics.in_flight.inc()
+        session = await open_chat(gateway, body, client)
+        if not body.stream:
+            return JSONResponse(await session.complete())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def done() -> None:
-            gateway.in_flight -= 1
-            gateway.adapter_in_flight[target.adapter] -= 1
-            gateway.metrics.in_flight.dec()
+        async def events():
+            async for chunk in session.chunks(include_usage):
+                yield sse(chunk)
+            yield sse("[DONE]")
 
-        try:
-            replica, response = await gateway.open_chat(target, upstream)
-        except UpstreamError as exc:
-            done()
-            raise GatewayError(exc.status, exc.message, exc.param) from None
-        except httpx.HTTPError as exc:
-            done()
-            raise GatewayError(503, f"The engine failed: {type(exc).__name__}") from None
-        except BaseException:
-            done()
-            raise
-        turn.engine = replica.url
-        if body.stream:
-            want_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_relay(gateway, target, turn, replica, response, started, want_usage, done),
-                                     media_type="text/event-stream")
-        try:
-            data = json.loads(await response.aread())
-        finally:
-            await gateway.pool.finish(replica, response)
-            done()
-        data["id"], data["model"] = turn.id, target.model_id
-        for choice in data.get("choices", []):
-            turn.answers[choice["index"]] = choice["message"].get("content") or ""
-            turn.finish_reasons[choice["index"]] = choice.get("finish_reason")
-        usage = data.get("usage") or {}
-        turn.prompt_tokens, turn.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        turn.latency_ms = (time.perf_counter() - started) * 1000
-        await asyncio.to_thread(gateway.record, turn, target)  # logged before the answer is sent
-        return JSONResponse(data)
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     # ---- feedback ------------------------------------------------------------------------
     @app.post("/v1/feedback")
@@ -252,56 +190,3 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
-
-
-async def _relay(gateway: Gateway, target: Target, turn: Turn, replica, response, started: float,
-                 want_usage: bool, done):
-    """Pass the engine's SSE stream on with our turn id; log the turn before the last event."""
-    turn.status = "aborted"
-    usage_chunk = None
-    recorded = False
-    try:
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            payload = line[6:]
-            if payload == "[DONE]":
-                turn.status = "ok"
-                break
-            chunk = json.loads(payload)
-            if "error" in chunk or chunk.get("object") == "error":
-                turn.status = "error"
-                yield sse(chunk)
-                continue
-            chunk["id"], chunk["model"] = turn.id, target.model_id
-            usage = chunk.pop("usage", None)
-            if usage:
-                turn.prompt_tokens, turn.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            for choice in chunk.get("choices", []):
-                delta, index = choice.get("delta") or {}, choice["index"]
-                if delta.get("content"):
-                    if turn.ttft_ms is None:
-                        turn.ttft_ms = (time.perf_counter() - started) * 1000
-                    turn.answers[index] += delta["content"]
-                if choice.get("finish_reason"):
-                    turn.finish_reasons[index] = choice["finish_reason"]
-            if not chunk.get("choices"):
-                if usage:
-                    usage_chunk = {**chunk, "usage": usage}
-                continue
-            yield sse(chunk)
-        turn.latency_ms = (time.perf_counter() - started) * 1000
-        await asyncio.to_thread(gateway.record, turn, target)  # before the response completes
-        recorded = True
-        if want_usage and usage_chunk is not None:
-            yield sse(usage_chunk)
-        yield sse("[DONE]")
-    except httpx.HTTPError as exc:
-        turn.status = "error"
-        yield sse(error_body(503, f"The engine stopped answering: {type(exc).__name__}"))
-    finally:
-        await gateway.pool.finish(replica, response)
-        done()
-        if not recorded:  # client gone or engine failed: keep what was sent, marked as such
-            turn.latency_ms = (time.perf_counter() - started) * 1000
-            gateway.record(turn, target)

@@ -18,6 +18,14 @@ from serve.gateway.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+class GatewayError(Exception):
+    """An error for the caller, answered in OpenAI's error shape with this status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
 @dataclass
 class GatewayConfig:
     api_keys: tuple[str, ...] = ()
@@ -67,6 +75,17 @@ class Gateway:
                 await self.pool.check()
             except Exception:  # keep watching whatever one check did
                 log.exception("engine health check failed")
+
+    # ---- requests ----------------------------------------------------------------------
+    def begin(self, target: Target) -> None:
+        self.in_flight += 1
+        self.adapter_in_flight[target.adapter] += 1
+        self.metrics.in_flight.inc()
+
+    def end(self, target: Target) -> None:
+        self.in_flight -= 1
+        self.adapter_in_flight[target.adapter] -= 1
+        self.metrics.in_flight.dec()
 
     # ---- adapters ----------------------------------------------------------------------
     async def prepare(self, target: Target) -> None:
