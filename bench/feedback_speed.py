@@ -83,12 +83,13 @@ def main(args: argparse.Namespace) -> None:
     db = scratch / "feedback.duckdb"
     ids = seed_turns(db, args.votes, client="ip:127.0.0.1")  # loopback clients, no keys
     console.print(f"{len(ids)} synthetic turns in {db}")
-    key, port, gport = secrets.token_urlsafe(16), free_port(), free_port()
+    key, port, gport = secrets.token_hex(16), free_port(), free_port()
     no_keys = {"PERSONA_API_KEY": "", "PERSONA_ADMIN_KEY": ""}
     with persona_process(engine_args(port, 2048), port, log_file("bench-engine"),
                          env={"PERSONA_ENGINE_API_KEY": key}) as engine_url, \
-            persona_process(["up", "--engine-url", engine_url, "--engine-key", key, "--port", str(gport),
-                             "--database", str(db)], gport, log_file("bench-gateway"), env=no_keys) as url:
+            persona_process(["up", "--engine-url", engine_url, "--port", str(gport),
+                             "--database", str(db)], gport, log_file("bench-gateway"),
+                            env={**no_keys, "PERSONA_ENGINE_API_KEY": key}) as url:
         console.print(f"posting {len(ids)} votes from {args.clients} concurrent clients ...")
         latencies, acknowledged, seconds = asyncio.run(post_votes(url, ids, args.clients))
     store = Store.open(db)  # the gateway has exited: the file is free

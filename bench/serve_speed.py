@@ -127,9 +127,9 @@ def main(args: argparse.Namespace) -> None:
 
     def gateway(engine_url: str, key: str):
         port = free_port()
-        return persona_process(["up", "--engine-url", engine_url, "--engine-key", key, "--port", str(port),
+        return persona_process(["up", "--engine-url", engine_url, "--port", str(port),
                                 "--database", f"{scratch}/{port}.duckdb"], port, log_file("bench-gateway"),
-                               env=no_keys)
+                               env={**no_keys, "PERSONA_ENGINE_API_KEY": key})
 
     results: dict[tuple[str, int], Result] = {}
 
@@ -147,7 +147,7 @@ def main(args: argparse.Namespace) -> None:
 
     labels = []
     with contextlib.ExitStack() as stack:
-        key, port = secrets.token_urlsafe(16), free_port()
+        key, port = secrets.token_hex(16), free_port()
         engine_url = stack.enter_context(persona_process(engine_args(port, 2048), port, log_file("bench-engine"),
                                                          env={"PERSONA_ENGINE_API_KEY": key}))
         gateway_url = stack.enter_context(gateway(engine_url, key))  # loads the adapters into the engine

