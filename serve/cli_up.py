@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import signal
 import time
 
 from rich.console import Console
@@ -109,4 +110,12 @@ def up(args) -> None:
             api_keys=settings.get("PERSONA_API_KEY"), admin_keys=settings.get("PERSONA_ADMIN_KEY")))
         err.print(f"gateway on http://{args.host}:{args.port}/v1 (personas: "
                   f"{', '.join(t.model_id for t in catalog.active_targets())}); database {store.path}")
+        # uvicorn re-raises the SIGTERM it handled once it has shut down; as an exception
+        # (not the default action, which kills at once) it unwinds this stack, so the
+        # engine or vLLM server this command started is stopped too.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         uvicorn.run(create_gateway_app(gateway), host=args.host, port=args.port, log_level="info")
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -100,6 +101,17 @@ def test_train_list_chat_end_to_end(tmp_path, tiny_model_dir):
         assert reply.model == "tiny@v1"
     log = (tmp_path / "up.log").read_text()
     assert "serves loopback clients only" in log and "gateway ready: tiny@v1" in log
+    engine_port = int(log.split("embedded engine starting on 127.0.0.1:")[1].split()[0])
+    import httpx
+
+    for _ in range(100):  # the engine `persona up` started stops with it
+        try:
+            httpx.get(f"http://127.0.0.1:{engine_port}/health", timeout=1)
+        except httpx.ConnectError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the engine on port {engine_port} outlived `persona up`")
     store = Store.open()  # the gateway has exited, so the file is free
     turn = store.turn(reply.id)
     assert (turn.persona, turn.adapter_version, turn.messages[0]["content"]) == ("tiny", 1, "Be short.")
