@@ -32,6 +32,11 @@ class StoreError(UserError):
     pass
 
 
+def utc_now() -> datetime:
+    """Now in UTC, without a zone (DuckDB TIMESTAMP columns)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
 @dataclass
 class Turn:
     id: str
@@ -52,7 +57,7 @@ class Turn:
     user_tag: str | None = None
     engine: str | None = None
     status: str = "ok"
-    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc).replace(tzinfo=None))
+    created_at: datetime = field(default_factory=utc_now)
 
 
 _JSON_FIELDS = ("messages", "answers", "finish_reasons", "sampling")

@@ -11,10 +11,9 @@ prompt context. A refused vote changes nothing.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
 
 from feedback.errors import UserError
-from feedback.store import Store
+from feedback.store import Store, utc_now
 
 VOTES = ("up", "down", "retract")
 CHOICES = ("a", "b", "tie", "both_bad")
@@ -27,10 +26,6 @@ class FeedbackError(UserError):
     def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 def _own_turn(store: Store, turn_id: str, client: str, param: str) -> tuple[int, str]:
@@ -66,7 +61,7 @@ def record_vote(store: Store, turn_id: str, vote: str, client: str, choice_index
         if not current:
             return "nothing to retract"
     store.execute("INSERT INTO votes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                  [*key, vote, reason, comment, user_name, _now()])
+                  [*key, vote, reason, comment, user_name, utc_now()])
     return "retracted" if vote == "retract" else "recorded"
 
 
@@ -87,5 +82,5 @@ def record_comparison(store: Store, turn_a: str, turn_b: str, choice: str, left:
     comparison_id = f"cmp-{uuid.uuid4().hex}"
     store.execute("INSERT INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                   [comparison_id, turn_a, turn_b, choice, turn_a if left == "a" else turn_b, client, user_name,
-                   _now()])
+                   utc_now()])
     return comparison_id

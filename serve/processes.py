@@ -40,19 +40,24 @@ def serve_in_thread(app) -> tuple[str, object]:
     return f"http://127.0.0.1:{port}", server
 
 
-def wait_for(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+def wait_for(url: str, proc: subprocess.Popen, timeout: float, log: Path | None = None) -> None:
+    """Wait until ``url/health`` answers 200; raise ``RuntimeError`` if ``proc`` exits first
+    (with the tail of ``log``, when given) or the time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RuntimeError(f"server exited with code {proc.returncode} while starting; log {log}:\n{tail}")
+            message = f"server exited with code {proc.returncode} while starting"
+            if log is not None:
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                message += f"; log {log}:\n{tail}"
+            raise RuntimeError(message)
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"{url} was not healthy after {timeout:.0f} s (log: {log})")
+    raise RuntimeError(f"{url} was not healthy after {timeout:.0f} s" + (f" (log: {log})" if log else ""))
 
 
 class Child(str):

@@ -71,6 +71,17 @@ def make_lora(base_dir: Path, out: Path, seed: int, rank: int = 4) -> str:
     return str(out)
 
 
+def assert_stop_sequence_cuts(ask) -> None:
+    """A stop string taken from the middle of a greedy answer ends the answer just before it.
+    ``ask(**kw)`` returns a chat completion (engine and gateway tests share this check)."""
+    full = ask(max_tokens=24).choices[0].message.content
+    assert len(full) > 8
+    stop = full[4:7]
+    cut = ask(max_tokens=24, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from conftest import assert_stop_sequence_cuts
 from contract_stack import ADMIN_KEY, API_KEY, EGEN_PROMPT, TETO_PROMPT, catalog, stack, vllm_python
 
 
@@ -91,12 +92,7 @@ def test_n_choices(client, s):
 
 
 def test_stop_sequence(client):
-    full = ask(client, max_tokens=24).choices[0].message.content
-    assert len(full) > 8
-    stop = full[4:7]
-    cut = ask(client, max_tokens=24, stop=[stop])
-    assert cut.choices[0].message.content == full[: full.index(stop)]
-    assert cut.choices[0].finish_reason == "stop"
+    assert_stop_sequence_cuts(lambda **kw: ask(client, **kw))
 
 
 def test_pinned_version(client, s):

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from serve.processes import serve_in_thread
-from conftest import make_lora
+from conftest import assert_stop_sequence_cuts, make_lora
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,7 @@ def test_n_and_seed(client):
 
 
 def test_stop_sequence_cuts_the_answer(client):
-    full = ask(client, max_tokens=20).choices[0].message.content
-    assert len(full) > 6
-    stop = full[3:6]
-    cut = ask(client, max_tokens=20, stop=[stop])
-    assert cut.choices[0].message.content == full[: full.index(stop)]
-    assert cut.choices[0].finish_reason == "stop"
+    assert_stop_sequence_cuts(lambda **kw: ask(client, **kw))
 
 
 def test_errors_use_openai_shape(client, engine_url):

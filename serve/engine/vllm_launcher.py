@@ -32,11 +32,10 @@ import os
 import secrets
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from serve.processes import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -129,19 +128,12 @@ class VLLMServer:
         return self
 
     def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise LaunchError(f"vLLM exited with code {self.process.returncode} while starting"
-                                  + (f"; see {self.config.log_file}" if self.config.log_file else ""))
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise LaunchError(f"vLLM was not healthy after {timeout:.0f} s")
+        try:
+            wait_for(self.url, self.process, timeout)  # one line: it becomes the CLI's error
+        except RuntimeError as exc:
+            self.stop()
+            see = f"; see {self.config.log_file}" if self.config.log_file else ""
+            raise LaunchError(f"vLLM did not start: {exc}{see}") from None
 
     def stop(self, grace: float = 30.0) -> None:
         if self.process and self.process.poll() is None:

@@ -61,10 +61,15 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
     app.state.gateway = gateway
     cfg = gateway.config
 
-    @app.exception_handler(GatewayError)
-    async def _gateway_error(request: Request, exc: GatewayError):
+    async def _caller_error(request: Request, exc):
+        """Every error the caller must hear about carries ``status`` and ``message``
+        (``param`` and ``code`` when it has them), whichever layer raised it."""
         gateway.metrics.errors.labels(request.url.path, str(exc.status)).inc()
-        return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status)
+        body = error_body(exc.status, exc.message, getattr(exc, "param", None), getattr(exc, "code", None))
+        return JSONResponse(body, status_code=exc.status)
+
+    for error_type in (GatewayError, UpstreamError, FeedbackError, auth.AuthError):
+        app.add_exception_handler(error_type, _caller_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -76,10 +81,7 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
     def client_of(request: Request, admin: bool = False) -> str:
         keys = cfg.admin_keys if admin else cfg.api_keys
         host = request.client.host if request.client else None
-        try:
-            return auth.check(request.headers.get("authorization"), host, keys, "admin" if admin else "API")
-        except auth.AuthError as exc:
-            raise GatewayError(exc.status, exc.message, code=exc.code) from None
+        return auth.check(request.headers.get("authorization"), host, keys, "admin" if admin else "API")
 
     async def read_json(request: Request, model: type[BaseModel]):
         declared = request.headers.get("content-length")
@@ -132,11 +134,8 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
     async def feedback(request: Request):
         client = client_of(request)
         body: FeedbackRequest = await read_json(request, FeedbackRequest)
-        try:
-            status = await asyncio.to_thread(record_vote, gateway.store, body.turn_id, body.vote, client,
-                                             body.choice_index, body.reason, body.comment)
-        except FeedbackError as exc:
-            raise GatewayError(exc.status, exc.message, exc.param) from None
+        status = await asyncio.to_thread(record_vote, gateway.store, body.turn_id, body.vote, client,
+                                         body.choice_index, body.reason, body.comment)
         return {"object": "feedback", "turn_id": body.turn_id, "choice_index": body.choice_index,
                 "vote": body.vote, "status": status}
 
@@ -144,11 +143,8 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
     async def comparisons(request: Request):
         client = client_of(request)
         body: ComparisonRequest = await read_json(request, ComparisonRequest)
-        try:
-            comparison_id = await asyncio.to_thread(record_comparison, gateway.store, body.turn_a, body.turn_b,
-                                                    body.choice, body.left, client)
-        except FeedbackError as exc:
-            raise GatewayError(exc.status, exc.message, exc.param) from None
+        comparison_id = await asyncio.to_thread(record_comparison, gateway.store, body.turn_a, body.turn_b,
+                                                body.choice, body.left, client)
         return {"object": "comparison", "id": comparison_id, "choice": body.choice}
 
     # ---- admin ---------------------------------------------------------------------------
@@ -158,8 +154,7 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
         resp = await gateway.pool.broadcast(route, body.model_dump(exclude_none=True))
         if resp.status_code == 200:
             return PlainTextResponse(resp.text)
-        err = parse_error(resp.status_code, resp.content)
-        raise GatewayError(err.status, err.message, err.param)
+        raise parse_error(resp.status_code, resp.content)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(request: Request):
@@ -172,11 +167,7 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
     @app.post("/admin/reload")
     async def reload(request: Request):
         client_of(request, admin=True)
-        try:
-            active = await gateway.reload()
-        except UpstreamError as exc:
-            raise GatewayError(exc.status, exc.message, exc.param) from None
-        return {"active": active}
+        return {"active": await gateway.reload()}
 
     @app.get("/admin/engines")
     async def engines(request: Request):

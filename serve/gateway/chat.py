@@ -21,7 +21,6 @@ import httpx
 from feedback.store import Turn
 from serve.gateway.catalog import Target, UnknownModel
 from serve.gateway.core import Gateway, GatewayError
-from serve.gateway.engines import UpstreamError
 from serve.protocol import ChatCompletionRequest, completion_id
 
 
@@ -56,9 +55,6 @@ async def open_chat(gateway: Gateway, body: ChatCompletionRequest, client: str) 
     gateway.begin(target)
     try:
         chat.replica, chat.response = await gateway.open_chat(target, upstream)
-    except UpstreamError as exc:
-        gateway.end(target)
-        raise GatewayError(exc.status, exc.message, exc.param) from None
     except httpx.HTTPError as exc:
         gateway.end(target)
         raise GatewayError(503, f"The engine failed: {type(exc).__name__}") from None
