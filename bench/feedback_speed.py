@@ -1,6 +1,7 @@
-"""Votes through the API: throughput, latency, and that none is lost.
+"""Votes through the API: throughput, latency, and that none is lost; and the
+time to build preference data from a million votes.
 
-    persona bench feedback [--clients 32] [--votes 4000]
+    persona bench feedback [--clients 32] [--votes 4000] [--build-votes 1000000]
 
 A scratch database is filled with synthetic served turns, then a gateway
 (its own process, as ``persona up`` runs it, in front of an embedded engine)
@@ -8,6 +9,11 @@ opens it, and ``--clients`` concurrent clients post ``--votes`` votes through
 ``POST /v1/feedback``, each on its own turn. After the gateway has exited, the
 votes found in the database are counted: every acknowledged vote must be
 there.
+
+Then the pair builder runs on a scratch store filled with synthetic votes
+(``--build-votes`` of them, 90% thumbs and 10% side-by-side comparisons, from
+10,000 voters on 4 answers to each of ``votes / 20`` contexts), at a tenth of
+that size and at full size, so the two times can be compared.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ console = Console(width=120)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=32, help="concurrent API clients")
     parser.add_argument("--votes", type=int, default=4000, help="votes to post in all")
+    parser.add_argument("--build-votes", type=int, default=1_000_000,
+                        help="synthetic votes for the preference-data build (0: skip)")
 
 
 def seed_turns(path: Path, count: int, client: str) -> list[str]:
@@ -72,6 +80,62 @@ async def post_votes(url: str, turn_ids: list[str], clients: int) -> tuple[list[
     return latencies, acknowledged, time.perf_counter() - started
 
 
+def seed_votes(path: Path, votes: int) -> None:
+    """A store with ``votes`` synthetic votes: thumbs on regenerated answers and comparisons."""
+    from feedback.store import Store
+
+    contexts = max(1, votes // 20)
+    store = Store.open(path)
+    store.execute("SELECT setseed(0.42)")
+    store.execute(
+        "INSERT INTO turns (id, created_at, persona, adapter, adapter_version, requested_model, messages, answers, "
+        "finish_reasons, sampling, stream, latency_ms, client, status) "
+        "SELECT 'turn-' || i, now(), CASE WHEN i % 2 = 0 THEN 'teto' ELSE 'egen' END, 'teto-v1', 1, 'teto', "
+        "'[{\"role\": \"user\", \"content\": \"question ' || (i // 4) || '\"}]', "
+        "'[\"answer ' || (i // 4) || '-' || (i % 4 % 3) || '\"]', '[\"stop\"]', '{}', true, 1.0, 'ui:x', 'ok' "
+        "FROM range(?) t(i)", [contexts * 4])
+    thumbs = votes - votes // 10
+    store.execute(
+        "INSERT INTO votes SELECT 'turn-' || CAST(floor(random() * ?) AS BIGINT), 0, "
+        "'voter-' || CAST(floor(random() * 10000) AS BIGINT), "
+        "CASE WHEN random() < 0.6 THEN 'up' WHEN random() < 0.95 THEN 'down' ELSE 'retract' END, "
+        "NULL, NULL, NULL, now() - to_seconds(CAST(i AS BIGINT)) FROM range(?) t(i)", [contexts * 4, thumbs])
+    store.execute(
+        "INSERT INTO comparisons SELECT 'cmp-' || i, 'turn-' || (4 * c), 'turn-' || (4 * c + 1 + i % 3), "
+        "CASE WHEN r < 0.45 THEN 'a' WHEN r < 0.9 THEN 'b' WHEN r < 0.95 THEN 'tie' ELSE 'both_bad' END, "
+        "'turn-' || (4 * c), 'voter-' || (i % 10000), NULL, now() "
+        "FROM (SELECT i, CAST(floor(random() * ?) AS BIGINT) AS c, random() AS r FROM range(?) t(i))",
+        [contexts, votes - thumbs])
+    store.close()
+
+
+def build_speed(votes: int) -> None:
+    from feedback import pairs
+    from feedback.store import Store
+
+    table = Table("votes", "thumbs", "comparisons", "turns", "DPO pairs", "KTO examples", "SFT examples",
+                  "build s", "votes/s", "time vs 1/10 size",
+                  title="Preference data from synthetic votes (pair builder, all personas)",
+                  caption="target: 1,000,000 votes in under 10 s")
+    first = None
+    for size in (votes // 10, votes):
+        scratch = Path(tempfile.mkdtemp(prefix="bench-pairs-")) / "feedback.duckdb"
+        console.print(f"seeding {size:,} synthetic votes into {scratch} ...")
+        seed_votes(scratch, size)
+        store = Store.open(scratch)
+        thumbs, cmps, turns = store.query("SELECT (SELECT count(*) FROM votes), (SELECT count(*) FROM comparisons), "
+                                          "(SELECT count(*) FROM turns)")[0]
+        started = time.perf_counter()
+        counts = pairs.build(store)
+        seconds = time.perf_counter() - started
+        store.close()
+        first = first or seconds
+        table.add_row(f"{size:,}", f"{thumbs:,}", f"{cmps:,}", f"{turns:,}", f"{counts['dpo']:,}",
+                      f"{counts['kto']:,}", f"{counts['sft']:,}", f"{seconds:.2f}", f"{size / seconds:,.0f}",
+                      f"{seconds / first:.1f}x")
+    console.print(table)
+
+
 def main(args: argparse.Namespace) -> None:
     import secrets
 
@@ -104,3 +168,5 @@ def main(args: argparse.Namespace) -> None:
     console.print(table)
     if found != acknowledged:
         console.print(f"[red]LOST VOTES: {acknowledged - found} acknowledged votes are not in the store[/red]")
+    if args.build_votes:
+        build_speed(args.build_votes)

@@ -64,4 +64,38 @@ MIGRATIONS: list[tuple[str, str]] = [
             created_at  TIMESTAMP NOT NULL
         )
     """),
+    ("0005_adapters", """
+        -- The gateway's view of the adapter registry (the folders on disk are the truth;
+        -- this mirrors them at start-up and at every reload, for the dashboard and stats).
+        CREATE TABLE adapters (
+            name            VARCHAR PRIMARY KEY,      -- engine name, e.g. teto-v3 (never reused)
+            persona         VARCHAR NOT NULL,
+            version         INTEGER NOT NULL,
+            path            VARCHAR NOT NULL,
+            kind            VARCHAR,                  -- sft | dpo | kto
+            parent_version  INTEGER,
+            status          VARCHAR NOT NULL CHECK (status IN ('active', 'candidate', 'available', 'retired')),
+            metrics         JSON,
+            created_at      TIMESTAMP,
+            updated_at      TIMESTAMP NOT NULL
+        )
+    """),
+    ("0006_training_runs", """
+        CREATE TABLE training_runs (
+            id               VARCHAR PRIMARY KEY,
+            persona          VARCHAR NOT NULL,
+            kind             VARCHAR NOT NULL,        -- sft | dpo | kto
+            status           VARCHAR NOT NULL,        -- running | succeeded | failed | rejected | promoted
+            parent_version   INTEGER,                 -- the adapter it started from
+            adapter_version  INTEGER,                 -- the version it produced, if any
+            started_at       TIMESTAMP NOT NULL,
+            finished_at      TIMESTAMP,
+            train_examples   INTEGER,
+            heldout_examples INTEGER,
+            reward_accuracy  DOUBLE,                  -- held-out implicit reward accuracy (DPO/KTO)
+            reward_margin    DOUBLE,
+            metrics          JSON,
+            message          VARCHAR                  -- why it was rejected or failed
+        )
+    """),
 ]

@@ -151,8 +151,87 @@ class Store:
         with self._lock:
             return self._con.execute(sql, params or []).fetchall()
 
+    def query_dicts(self, sql: str, params: list | None = None) -> list[dict]:
+        with self._lock:
+            cur = self._con.execute(sql, params or [])
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+
     def execute(self, sql: str, params: list | None = None) -> list[tuple]:
         """Run one parameterised write; it is committed when this returns."""
         with self._lock:
             cur = self._con.execute(sql, params or [])
             return cur.fetchall() if cur.description else []
+
+    def execute_many(self, sql: str, rows: list[list]) -> None:
+        """One parameterised statement for many rows, in one transaction."""
+        with self._lock:
+            self._con.execute("BEGIN TRANSACTION")
+            try:
+                self._con.executemany(sql, rows)
+                self._con.execute("COMMIT")
+            except Exception:
+                self._con.execute("ROLLBACK")
+                raise
+
+    # ---- adapters and training runs -----------------------------------------------------------
+    def sync_adapters(self, adapters: list[dict]) -> None:
+        """Mirror the adapter registry: one row per version (name, persona, version, path,
+        kind, parent_version, status, metrics, created_at). Versions no longer on disk are
+        marked retired. An adapter with no training run yet gets one, from its metadata."""
+        now = utc_now()
+        rows = [[a["name"], a["persona"], a["version"], a["path"], a.get("kind"), a.get("parent_version"),
+                 a["status"], json.dumps(a.get("metrics") or {}), a.get("created_at"), now] for a in adapters]
+        with self._lock:
+            con = self._con
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute("UPDATE adapters SET status = 'retired', updated_at = ? WHERE status <> 'retired'", [now])
+                con.executemany("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                for a in adapters:
+                    known = con.execute("SELECT count(*) FROM training_runs WHERE persona = ? AND adapter_version = ?",
+                                        [a["persona"], a["version"]]).fetchone()[0]
+                    if not known:
+                        metrics = a.get("metrics") or {}
+                        con.execute(
+                            "INSERT INTO training_runs (id, persona, kind, status, parent_version, adapter_version, "
+                            "started_at, finished_at, train_examples, heldout_examples, reward_accuracy, "
+                            "reward_margin, metrics) VALUES (?, ?, ?, 'succeeded', ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                            "ON CONFLICT DO NOTHING",
+                            [f"{a['name']}-run", a["persona"], a.get("kind") or "sft", a.get("parent_version"),
+                             a["version"], a.get("created_at") or now, a.get("created_at") or now,
+                             metrics.get("train_examples") or metrics.get("train_pairs"),
+                             metrics.get("heldout_examples") or metrics.get("heldout_pairs"),
+                             metrics.get("reward_accuracy"), metrics.get("reward_margin"), json.dumps(metrics)])
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+
+    def record_run(self, run: dict) -> None:
+        """Insert or update one training run (keys: the training_runs columns)."""
+        run = {**run, "metrics": json.dumps(run.get("metrics") or {})}
+        columns = list(run)
+        sql = (f"INSERT OR REPLACE INTO training_runs ({', '.join(columns)}) "
+               f"VALUES ({', '.join('?' for _ in columns)})")
+        self.execute(sql, [run[c] for c in columns])
+
+    # ---- snapshots ---------------------------------------------------------------------------
+    def snapshot(self, folder: str | Path) -> Path:
+        """Write every table (and the current votes) as Parquet files into a new folder.
+
+        Other processes read the snapshot, never the live file. The folder appears
+        complete or not at all (written beside it, then renamed)."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = folder.with_name(f".{folder.name}.partial")
+        partial.mkdir()
+        with self._lock:
+            for table in SNAPSHOT_TABLES:
+                target = str(partial / f"{table}.parquet").replace("'", "''")
+                self._con.execute(f"COPY (SELECT * FROM {table}) TO '{target}' (FORMAT parquet)")
+        partial.rename(folder)
+        return folder
+
+
+SNAPSHOT_TABLES = ("turns", "votes", "current_votes", "comparisons", "adapters", "training_runs")

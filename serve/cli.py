@@ -7,6 +7,7 @@
     persona chat --persona teto "message"
     persona up [--engine embedded|vllm] [--port 7860]
     persona engine [--port 8001]
+    persona feedback stats | export --format dpo|kto|sft --persona teto --out FILE
     persona data check [FILE ...]
     persona bench sft
     persona settings
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_up.add_arguments(p)
     p.set_defaults(func=cli_up.up)
+
+    fb = sub.add_parser("feedback", help="feedback statistics and preference-data export")
+    from serve import cli_feedback
+
+    cli_feedback.add_arguments(fb.add_subparsers(dest="action", required=True, metavar="ACTION"))
 
     p = sub.add_parser("engine", help="serve the embedded engine (vLLM's OpenAI protocol) with the active adapters")
     p.add_argument("--host", default="127.0.0.1", help="bind address (keep it on loopback: the engine has no auth)")

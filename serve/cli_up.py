@@ -31,10 +31,10 @@ def load_catalog():
 
     personas = {}
     for p in list_personas():
-        active = registry.active(p.name)
+        active, candidate = registry.active(p.name), registry.candidate(p.name)
         personas[p.name] = PersonaInfo(
             name=p.name, system_prompt=p.system_prompt, display_name=p.display_name, description=p.description,
-            active=active.version if active else None,
+            active=active.version if active else None, candidate=candidate.version if candidate else None,
             versions={v.version: str(v.path) for v in registry.versions(p.name)},
         )
     return Catalog(personas)

@@ -153,6 +153,32 @@ def set_active(persona: str, version: int, reason: str = "promote") -> AdapterVe
         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "reason": reason,
     }
+    if entry.get("candidate") not in (None, version):
+        pointers[persona]["candidate"] = entry["candidate"]
+    _write_json_atomic(_pointer_file(), pointers)
+    return target
+
+
+def candidate(persona: str) -> AdapterVersion | None:
+    """The version being tested against the active one (side by side), if any."""
+    version = _read_pointers().get(persona, {}).get("candidate")
+    return get(persona, version) if version is not None else None
+
+
+def set_candidate(persona: str, version: int | None) -> AdapterVersion | None:
+    """Mark ``version`` as the persona's candidate (``None`` clears it)."""
+    pointers = _read_pointers()
+    entry = pointers.get(persona)
+    if not entry:
+        raise RegistryError(f"{persona} has no active adapter; a candidate is tested against the active one")
+    if version is None:
+        entry.pop("candidate", None)
+        _write_json_atomic(_pointer_file(), pointers)
+        return None
+    target = get(persona, version)
+    if version == entry["version"]:
+        raise RegistryError(f"{persona} v{version} is the active version, not a candidate")
+    entry["candidate"] = version
     _write_json_atomic(_pointer_file(), pointers)
     return target
 

@@ -7,6 +7,7 @@
     POST /v1/load_lora_adapter    admin: vLLM's payload, sent to every engine replica
     POST /v1/unload_lora_adapter  admin
     POST /admin/reload            admin: re-read the adapter registry and hot-swap active versions
+    POST /admin/snapshot          admin: export the store as Parquet; answers {"path": folder}
     GET  /admin/engines           admin: replicas, health, requests in flight
     GET  /health                  200 when at least one engine is up
     GET  /metrics                 admin: Prometheus text format
@@ -168,6 +169,11 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
     async def reload(request: Request):
         client_of(request, admin=True)
         return {"active": await gateway.reload()}
+
+    @app.post("/admin/snapshot")
+    async def snapshot(request: Request):
+        client_of(request, admin=True)
+        return {"path": await asyncio.to_thread(gateway.snapshot)}
 
     @app.get("/admin/engines")
     async def engines(request: Request):

@@ -28,6 +28,7 @@ class PersonaInfo:
     display_name: str = ""
     description: str = ""
     active: int | None = None                             # active adapter version, None = no adapter yet
+    candidate: int | None = None                          # version under test against the active one
     versions: dict[int, str] = field(default_factory=dict)  # version -> adapter folder
     max_rank: int = 16
 

@@ -4,18 +4,36 @@ hot-swap, turn records. ``app.py`` holds the routes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Callable
 
 from feedback.store import Store, Turn
-from serve.gateway.catalog import Catalog, Target
+from serve.gateway.catalog import Catalog, Target, engine_name
 from serve.gateway.engines import EnginePool, UpstreamError
 from serve.gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+def _read_meta(adapter_path: str) -> dict:
+    """An adapter folder's meta.json (kind, parent, metrics), or {} when it has none."""
+    try:
+        return json.loads((Path(adapter_path) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _timestamp(text: str | None) -> datetime | None:
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ") if text else None
+    except ValueError:
+        return None
 
 
 class GatewayError(Exception):
@@ -60,6 +78,7 @@ class Gateway:
         await self.pool.wait_healthy(self.config.engine_wait)
         for target in self.catalog.active_targets():
             await self.pool.ensure_loaded(target.adapter, target.path)
+        await asyncio.to_thread(self.sync_store)
         self._health_task = asyncio.create_task(self._watch_health())
         log.info("gateway ready: %s", ", ".join(t.model_id for t in self.catalog.active_targets()) or "no personas")
 
@@ -120,6 +139,7 @@ class Gateway:
                 await self.pool.ensure_loaded(target.adapter, target.path)
             old_names = {t.adapter for t in self.catalog.active_targets()}
             self.catalog = new  # the switch: new requests resolve to the new versions from here
+            await asyncio.to_thread(self.sync_store)
             new_names = {t.adapter for t in new.active_targets()}
             for name in sorted(old_names - new_names):
                 await self._drain(name)
@@ -131,6 +151,28 @@ class Gateway:
         deadline = time.monotonic() + self.config.drain_timeout
         while self.adapter_in_flight[adapter] and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+
+    def sync_store(self) -> None:
+        """Mirror the catalog's adapter versions (with their metadata) into the store."""
+        rows = []
+        for p in self.catalog.personas.values():
+            for version, path in p.versions.items():
+                meta = _read_meta(path)
+                status = ("active" if version == p.active else "candidate" if version == p.candidate
+                          else "available")
+                rows.append({"name": engine_name(p.name, version), "persona": p.name, "version": version,
+                             "path": path, "kind": meta.get("kind"), "parent_version": meta.get("parent_version"),
+                             "status": status, "metrics": meta.get("metrics"),
+                             "created_at": _timestamp(meta.get("created_at"))})
+        self.store.sync_adapters(rows)
+
+    def snapshot(self) -> str:
+        """Export the store as Parquet for other processes (the live file is this process's)."""
+        from feedback.snapshot import new_snapshot_path, prune
+
+        folder = self.store.snapshot(new_snapshot_path())
+        prune()
+        return str(folder)
 
     # ---- turns -------------------------------------------------------------------------
     def record(self, turn: Turn, target: Target) -> None:

@@ -1,0 +1,127 @@
+"""Feedback statistics: the figures the dashboard plots and ``persona feedback stats`` prints.
+
+Every function takes a database with the store's tables (the live store or a
+snapshot) and returns plain rows. Rates come with 95% Wilson score intervals,
+which stay inside [0, 1] and are honest for small counts.
+
+    stats.thumbs(db)        # thumbs-up rate per persona and adapter version
+    stats.win_rates(db)     # side-by-side win rate per persona and version (versions that met another)
+    stats.biases(db)        # how often the left answer wins, how often the longer one wins
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+Z95 = 1.959964
+
+
+def wilson(successes: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (``(0, 1)`` when there is no data)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _rate(row: dict, wins: str, n: str) -> dict:
+    lo, hi = wilson(row[wins], row[n])
+    return {**row, "rate": row[wins] / row[n] if row[n] else None, "low": lo, "high": hi}
+
+
+def thumbs(db) -> list[dict]:
+    rows = db.query_dicts("""
+        SELECT t.persona, t.adapter_version AS version, count(*) FILTER (v.vote = 'up') AS up,
+               count(*) FILTER (v.vote = 'down') AS down, count(*) AS votes
+        FROM current_votes v JOIN turns t ON t.id = v.turn_id
+        WHERE t.persona IS NOT NULL
+        GROUP BY ALL ORDER BY t.persona, version""")
+    return [_rate(r, "up", "votes") for r in rows]
+
+
+def win_rates(db) -> list[dict]:
+    """Side-by-side results of each version against other versions (a tie is half a win;
+    ``both_bad`` and comparisons of two samples of one version are left out)."""
+    rows = db.query_dicts("""
+        WITH games AS (
+            SELECT ta.persona, ta.adapter_version AS va, tb.adapter_version AS vb, c.choice
+            FROM comparisons c JOIN turns ta ON ta.id = c.turn_a JOIN turns tb ON tb.id = c.turn_b
+            WHERE c.choice <> 'both_bad' AND ta.adapter_version IS DISTINCT FROM tb.adapter_version
+        ),
+        sides AS (
+            SELECT persona, va AS version, CASE choice WHEN 'a' THEN 1.0 WHEN 'tie' THEN 0.5 ELSE 0.0 END AS win
+            FROM games
+            UNION ALL
+            SELECT persona, vb, CASE choice WHEN 'b' THEN 1.0 WHEN 'tie' THEN 0.5 ELSE 0.0 END FROM games
+        )
+        SELECT persona, version, sum(win) AS wins, count(*) AS games FROM sides
+        GROUP BY ALL ORDER BY persona, version""")
+    return [_rate(r, "wins", "games") for r in rows]
+
+
+def biases(db) -> list[dict]:
+    """Position bias (the left answer wins) and length bias (the longer answer wins), over
+    comparisons with a winner; 0.5 means no bias."""
+    row = db.query_dicts("""
+        WITH decided AS (
+            SELECT CASE c.choice WHEN 'a' THEN c.turn_a ELSE c.turn_b END AS winner, c.left_turn,
+                   length(json_extract_string(ta.answers, 0)) AS la, length(json_extract_string(tb.answers, 0)) AS lb,
+                   c.choice
+            FROM comparisons c JOIN turns ta ON ta.id = c.turn_a JOIN turns tb ON tb.id = c.turn_b
+            WHERE c.choice IN ('a', 'b')
+        )
+        SELECT count(*) FILTER (winner = left_turn) AS left_wins, count(*) AS decided,
+               count(*) FILTER ((choice = 'a' AND la > lb) OR (choice = 'b' AND lb > la)) AS longer_wins,
+               count(*) FILTER (la <> lb) AS unequal
+        FROM decided""")[0]
+    return [_rate({"bias": "left answer wins", "wins": row["left_wins"], "n": row["decided"]}, "wins", "n"),
+            _rate({"bias": "longer answer wins", "wins": row["longer_wins"], "n": row["unequal"]}, "wins", "n")]
+
+
+def votes_over_time(db) -> list[dict]:
+    """Votes per day and persona: thumbs up, thumbs down, comparisons."""
+    return db.query_dicts("""
+        WITH events AS (
+            SELECT date_trunc('day', v.created_at) AS day, t.persona, v.vote AS kind
+            FROM current_votes v JOIN turns t ON t.id = v.turn_id
+            UNION ALL
+            SELECT date_trunc('day', c.created_at), t.persona, 'comparison'
+            FROM comparisons c JOIN turns t ON t.id = c.turn_a
+        )
+        SELECT day, persona, count(*) FILTER (kind = 'up') AS up, count(*) FILTER (kind = 'down') AS down,
+               count(*) FILTER (kind = 'comparison') AS comparisons
+        FROM events WHERE persona IS NOT NULL GROUP BY ALL ORDER BY day, persona""")
+
+
+def adapters(db) -> list[dict]:
+    rows = db.query_dicts("""
+        SELECT persona, version, name, status, kind, parent_version, created_at, metrics FROM adapters
+        WHERE status <> 'retired' ORDER BY persona, version""")
+    for r in rows:
+        r["metrics"] = json.loads(r["metrics"]) if isinstance(r["metrics"], str) else (r["metrics"] or {})
+    return rows
+
+
+def training_runs(db, limit: int = 50) -> list[dict]:
+    return db.query_dicts("""
+        SELECT id, persona, kind, status, parent_version, adapter_version, started_at, finished_at,
+               train_examples, heldout_examples, reward_accuracy, reward_margin, message
+        FROM training_runs ORDER BY started_at DESC LIMIT ?""", [limit])
+
+
+def totals(db) -> dict:
+    turns, votes, comparisons, voters = db.query("""
+        SELECT (SELECT count(*) FROM turns), (SELECT count(*) FROM current_votes),
+               (SELECT count(*) FROM comparisons),
+               (SELECT count(DISTINCT client) FROM (SELECT client FROM current_votes
+                                                    UNION ALL SELECT client FROM comparisons))""")[0]
+    return {"turns": turns, "votes": votes, "comparisons": comparisons, "voters": voters}
+
+
+def summary(db) -> dict:
+    return {"totals": totals(db), "thumbs": thumbs(db), "win_rates": win_rates(db), "biases": biases(db),
+            "adapters": adapters(db), "training_runs": training_runs(db)}
