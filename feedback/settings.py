@@ -47,6 +47,17 @@ def _program(value: str) -> Path:
     return Path(value).expanduser().absolute()
 
 
+def _users(value: str) -> tuple[tuple[str, str], ...]:
+    # user:password pairs, comma-separated: the browser UI's logins.
+    users = []
+    for n, item in enumerate(p.strip() for p in value.split(",") if p.strip()):
+        name, sep, password = item.partition(":")
+        if not sep or not name.strip() or not password:
+            raise ValueError(f"entry {n + 1} is not user:password")
+        users.append((name.strip(), password))
+    return tuple(users)
+
+
 def _log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -81,6 +92,10 @@ VARIABLES: dict[str, Var] = {
         # Key between the gateway and an engine it started (set by `persona up`, random).
         Var("PERSONA_ENGINE_API_KEY", str, lambda: "",
             "Bearer key the embedded engine requires (set by `persona up` for the engine it starts).",
+            secret=True),
+        # Logins for the browser UI; each vote is recorded with the user's name.
+        Var("PERSONA_UI_USERS", _users, lambda: (),
+            "Comma-separated user:password logins for the browser UI; none means no login, loopback only.",
             secret=True),
         # Interpreter of the virtual environment vLLM is installed in.
         Var("PERSONA_VLLM_PYTHON", _program, lambda: REPO_ROOT / ".venv-vllm" / "bin" / "python",

@@ -29,6 +29,7 @@ def wilson(successes: float, n: float, z: float = Z95) -> tuple[float, float]:
 
 
 def _rate(row: dict, wins: str, n: str) -> dict:
+    row = {**row, wins: float(row[wins]), n: int(row[n])}  # DuckDB sums of decimals are Decimal
     lo, hi = wilson(row[wins], row[n])
     return {**row, "rate": row[wins] / row[n] if row[n] else None, "low": lo, "high": hi}
 

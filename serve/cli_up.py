@@ -114,7 +114,9 @@ def up(args) -> None:
         # (not the default action, which kills at once) it unwinds this stack, so the
         # engine or vLLM server this command started is stopped too.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        uvicorn.run(create_gateway_app(gateway), host=args.host, port=args.port, log_level="info")
+        app = create_gateway_app(gateway, ui_users=settings.get("PERSONA_UI_USERS"))
+        err.print(f"browser UI on http://{args.host}:{args.port}/")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
 def _exit_on_sigterm(signum, frame):

@@ -49,7 +49,9 @@ def error_body(status: int, message: str, param=None, code=None) -> dict:
     return ErrorResponse(error=info).model_dump()
 
 
-def create_gateway_app(gateway: Gateway) -> FastAPI:
+def create_gateway_app(gateway: Gateway, ui: bool = True, ui_users: tuple[tuple[str, str], ...] = ()) -> FastAPI:
+    """The gateway's HTTP app; ``ui`` mounts the browser UI at ``/`` (with logins
+    ``ui_users``; without any, the UI serves loopback clients only, like the API)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await gateway.start()
@@ -186,4 +188,30 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
         client_of(request, admin=True)
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    if ui:
+        mount_ui(app, gateway, ui_users)
     return app
+
+
+API_PREFIXES = ("/v1/", "/admin/", "/health", "/metrics")
+
+
+def mount_ui(app: FastAPI, gateway: Gateway, users: tuple[tuple[str, str], ...]) -> None:
+    import gradio as gr
+
+    from serve.ui.app import build_ui
+
+    if not users:
+        log.warning("PERSONA_UI_USERS is not set: the browser UI serves loopback clients only, without login")
+
+        @app.middleware("http")
+        async def loopback_only(request: Request, call_next):
+            host = request.client.host if request.client else None
+            if not request.url.path.startswith(API_PREFIXES) and not auth.is_loopback(host):
+                return PlainTextResponse("The browser UI serves loopback clients only; set PERSONA_UI_USERS "
+                                         "to log in from elsewhere.", status_code=403)
+            return await call_next(request)
+
+    blocks = build_ui(gateway).queue(default_concurrency_limit=gateway.config.max_in_flight)
+    gr.mount_gradio_app(app, blocks, path="/", auth=list(users) or None, footer_links=[], show_error=True,
+                        auth_message="persona-chat: log in to chat and vote.")

@@ -1,0 +1,82 @@
+"""What the browser UI does, without Gradio: chat turns and votes through the gateway's
+own code paths (``serve.gateway.chat.open_chat`` and ``feedback.votes``).
+
+The UI is one more client of the gateway: its turns are logged like API turns,
+under the client id ``ui:<browser session>``, so a session can only rate the
+answers it was served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from feedback.votes import record_comparison, record_vote
+from serve.gateway.chat import open_chat
+from serve.gateway.core import Gateway, GatewayError
+from serve.protocol import ChatCompletionRequest
+
+MAX_TOKENS = 200       # per answer in the UI
+TEMPERATURE = 0.8      # two samples of one version must be able to differ (side by side)
+
+
+@dataclass
+class Session:
+    """Who is in the browser: the session id, and the user when logins are on."""
+
+    id: str
+    user: str | None = None
+
+    @property
+    def client(self) -> str:
+        return f"ui:{self.id}"
+
+
+def prompt_messages(history: list[dict]) -> list[dict]:
+    """The chat so far as plain OpenAI messages (Gradio adds display fields)."""
+    return [{"role": m["role"], "content": _text(m["content"])} for m in history
+            if m.get("role") in ("user", "assistant")]
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # Gradio 6 may hand back [{"type": "text", "text": ...}]
+        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+    return str(content)
+
+
+async def stream_answer(gateway: Gateway, model: str, messages: list[dict], session: Session,
+                        temperature: float = TEMPERATURE, seed: int | None = None):
+    """Yield (answer so far, turn id, model id that answered) as the answer streams in;
+    the turn is in the store before the last yield."""
+    body = ChatCompletionRequest(model=model, messages=messages, stream=True, max_tokens=MAX_TOKENS,
+                                 temperature=temperature, seed=seed, user=session.user)
+    chat = await open_chat(gateway, body, session.client)
+    text = ""
+    async for chunk in chat.chunks():
+        if "error" in chunk:
+            raise GatewayError(503, chunk["error"]["message"])
+        for choice in chunk.get("choices", []):
+            text += (choice.get("delta") or {}).get("content") or ""
+        yield text, chat.turn.id, chat.target.model_id
+    yield text, chat.turn.id, chat.target.model_id
+
+
+async def vote(gateway: Gateway, turn_id: str, value: str, session: Session, reason: str | None = None) -> str:
+    return await asyncio.to_thread(record_vote, gateway.store, turn_id, value, session.client, 0, reason, None,
+                                   session.user)
+
+
+async def compare(gateway: Gateway, turn_a: str, turn_b: str, choice: str, left: str, session: Session) -> str:
+    return await asyncio.to_thread(record_comparison, gateway.store, turn_a, turn_b, choice, left,
+                                   session.client, session.user)
+
+
+def contenders(gateway: Gateway, persona: str) -> tuple[str, str, str]:
+    """The two model ids a side-by-side round asks, and what is being compared: the active
+    version against the candidate when one is under test, else two samples of the active one."""
+    info = gateway.catalog.personas[persona]
+    if info.candidate is not None and info.candidate in info.versions:
+        return persona, f"{persona}@v{info.candidate}", "active vs candidate"
+    return persona, persona, "two samples of the active version"
