@@ -11,6 +11,7 @@ prompt context. A refused vote changes nothing.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 from feedback.errors import UserError
 from feedback.store import Store, utc_now
@@ -39,30 +40,72 @@ def _own_turn(store: Store, turn_id: str, client: str, param: str) -> tuple[int,
     return answers, messages
 
 
-def record_vote(store: Store, turn_id: str, vote: str, client: str, choice_index: int = 0,
-                reason: str | None = None, comment: str | None = None, user_name: str | None = None) -> str:
-    """Record, change or retract a thumbs vote; returns what happened.
+@dataclass(frozen=True)
+class Vote:
+    turn_id: str
+    vote: str
+    client: str
+    choice_index: int = 0
+    reason: str | None = None
+    comment: str | None = None
+    user_name: str | None = None
 
-    Votes are appended: a change or a retraction is a new row, so the history stays.
-    """
-    if vote not in VOTES:
-        raise FeedbackError(400, f"vote must be one of {', '.join(VOTES)}, not {vote!r}.", "vote")
-    for name, value, limit in (("reason", reason, MAX_REASON), ("comment", comment, MAX_COMMENT)):
+
+def _check(v: Vote, owners: dict) -> None:
+    if v.vote not in VOTES:
+        raise FeedbackError(400, f"vote must be one of {', '.join(VOTES)}, not {v.vote!r}.", "vote")
+    for name, value, limit in (("reason", v.reason, MAX_REASON), ("comment", v.comment, MAX_COMMENT)):
         if value is not None and len(value) > limit:
             raise FeedbackError(400, f"{name} is {len(value)} characters; the limit is {limit}.", name)
-    answers, _ = _own_turn(store, turn_id, client, "turn_id")
-    if not 0 <= choice_index < answers:
-        raise FeedbackError(400, f"Turn {turn_id!r} has {answers} answer(s); "
-                                 f"choice_index {choice_index} does not exist.", "choice_index")
-    key = [turn_id, choice_index, client]
-    if vote == "retract":
-        current = store.query("SELECT count(*) FROM current_votes WHERE turn_id = ? AND choice_index = ? "
-                              "AND client = ?", key)[0][0]
-        if not current:
-            return "nothing to retract"
-    store.execute("INSERT INTO votes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                  [*key, vote, reason, comment, user_name, utc_now()])
-    return "retracted" if vote == "retract" else "recorded"
+    if v.turn_id not in owners:
+        raise FeedbackError(404, f"No turn with id {v.turn_id!r}.", "turn_id")
+    owner, answers = owners[v.turn_id]
+    if owner != v.client:
+        raise FeedbackError(403, f"Turn {v.turn_id!r} was not served to this key or session.", "turn_id")
+    if not 0 <= v.choice_index < answers:
+        raise FeedbackError(400, f"Turn {v.turn_id!r} has {answers} answer(s); "
+                                 f"choice_index {v.choice_index} does not exist.", "choice_index")
+
+
+def record_votes(store: Store, votes: list[Vote]) -> list[str | FeedbackError]:
+    """Check and write many votes with one lookup and one insert (a group commit); each
+    result is what happened to that vote, or why it was refused. Refused votes write nothing.
+
+    Votes are appended: a change or a retraction is a new row, so the history stays."""
+    ids = sorted({v.turn_id for v in votes})
+    owners = {tid: (client, n) for tid, client, n in store.query(
+        "SELECT id, client, json_array_length(answers) FROM turns WHERE id IN (SELECT unnest(?))", [ids])}
+    results: list[str | FeedbackError] = []
+    rows = []
+    for v in votes:
+        try:
+            _check(v, owners)
+        except FeedbackError as exc:
+            results.append(exc)
+            continue
+        if v.vote == "retract":
+            current = store.query("SELECT vote FROM current_votes WHERE turn_id = ? AND choice_index = ? "
+                                  "AND client = ?", [v.turn_id, v.choice_index, v.client])
+            pending = [r for r in rows if r[:3] == [v.turn_id, v.choice_index, v.client]]
+            if (pending and pending[-1][3] == "retract") or (not pending and not current):
+                results.append("nothing to retract")
+                continue
+        rows.append([v.turn_id, v.choice_index, v.client, v.vote, v.reason, v.comment, v.user_name, utc_now()])
+        results.append("retracted" if v.vote == "retract" else "recorded")
+    if rows:
+        columns = list(zip(*rows))
+        store.execute("INSERT INTO votes SELECT unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), "
+                      "unnest(?), unnest(?)", [list(c) for c in columns])
+    return results
+
+
+def record_vote(store: Store, turn_id: str, vote: str, client: str, choice_index: int = 0,
+                reason: str | None = None, comment: str | None = None, user_name: str | None = None) -> str:
+    """Record, change or retract one thumbs vote; returns what happened."""
+    result = record_votes(store, [Vote(turn_id, vote, client, choice_index, reason, comment, user_name)])[0]
+    if isinstance(result, FeedbackError):
+        raise result
+    return result
 
 
 def record_comparison(store: Store, turn_a: str, turn_b: str, choice: str, left: str, client: str,

@@ -51,6 +51,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--port", type=int, default=7860, help="gateway port")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--database", help="feedback store file (default: PERSONA_HOME/feedback.duckdb)")
+    parser.add_argument("--vote-batch", type=int, default=512,
+                        help="most votes written in one transaction (concurrent votes are committed together)")
     parser.add_argument("--vllm-arg", action="append", default=[],
                         help="extra argument for the vLLM server (repeatable), e.g. --vllm-arg=--dtype=bfloat16")
 
@@ -107,7 +109,8 @@ def up(args) -> None:
                                                         env={"PERSONA_ENGINE_API_KEY": key}))]
         pool = EnginePool(urls, api_key=key)
         gateway = Gateway(load_catalog, pool, store, GatewayConfig(
-            api_keys=settings.get("PERSONA_API_KEY"), admin_keys=settings.get("PERSONA_ADMIN_KEY")))
+            api_keys=settings.get("PERSONA_API_KEY"), admin_keys=settings.get("PERSONA_ADMIN_KEY"),
+            vote_batch=max(1, args.vote_batch)))
         err.print(f"gateway on http://{args.host}:{args.port}/v1 (personas: "
                   f"{', '.join(t.model_id for t in catalog.active_targets())}); database {store.path}")
         # uvicorn re-raises the SIGTERM it handled once it has shut down; as an exception

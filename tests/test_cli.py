@@ -1,5 +1,6 @@
 """The `persona` command as a user runs it: real subprocesses, one-line errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -99,6 +100,23 @@ def test_train_list_chat_end_to_end(tmp_path, tiny_model_dir):
         reply = client.chat.completions.create(model="tiny", max_tokens=4,
                                                messages=[{"role": "user", "content": "hello"}])
         assert reply.model == "tiny@v1"
+        import httpx
+
+        assert httpx.post(url + "/v1/feedback", json={"turn_id": reply.id, "vote": "up"}).status_code == 200
+        page = httpx.get(url + "/")
+        assert page.status_code == 200 and "gradio" in page.text.lower()  # the browser UI is mounted at /
+        # While the gateway holds the store, the feedback commands read a snapshot it exports.
+        stats = persona("feedback", "stats", "--json", "--gateway", url, env=env)
+        assert stats.returncode == 0, stats.stderr
+        figures = json.loads(stats.stdout)
+        assert figures["totals"]["votes"] == 1 and figures["thumbs"][0]["up"] == 1
+        assert [(a["persona"], a["status"]) for a in figures["adapters"]] == [("tiny", "active")]
+        assert "snapshot" in stats.stderr
+        exported = persona("feedback", "export", "--format", "sft", "--persona", "tiny", "--gateway", url,
+                           "--out", str(tmp_path / "sft.jsonl"), env=env)
+        assert exported.returncode == 0, exported.stderr
+        record = json.loads((tmp_path / "sft.jsonl").read_text().splitlines()[0])
+        assert record["messages"][-1] == {"role": "assistant", "content": reply.choices[0].message.content}
     log = (tmp_path / "up.log").read_text()
     assert "serves loopback clients only" in log and "gateway ready: tiny@v1" in log
     engine_port = int(log.split("embedded engine starting on 127.0.0.1:")[1].split()[0])
@@ -155,10 +173,15 @@ def test_bench_serve_compares_gateway_engine_and_naive_server(tiny_model_dir, te
 
 
 def test_bench_feedback_finds_every_acknowledged_vote(tiny_model_dir, teto_on_tiny_model):
-    result = persona("bench", "feedback", "--votes", "60", "--clients", "4",
+    result = persona("bench", "feedback", "--votes", "60", "--clients", "4", "--build-votes", "2000",
                      env={"PERSONA_BASE_MODEL": str(tiny_model_dir), "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
-    row = next(line for line in result.stdout.splitlines() if line.startswith("│"))
-    cells = [c.strip() for c in row.strip("│").split("│")]
-    assert cells[:4] == ["4", "60", "60", "60"], row
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    for row in rows[:2]:  # a transaction per vote, then group commit
+        cells = [c.strip() for c in row.strip("│").split("│")]
+        assert cells[1:5] == ["4", "60", "60", "60"], row
+    assert "1.00x" in rows[0] and "group" in rows[1]
     assert "LOST" not in result.stdout
+    build = rows[2:]
+    assert [c.strip() for c in build[0].strip("│").split("│")][:3] == ["200", "180", "20"]
+    assert [c.strip() for c in build[1].strip("│").split("│")][:3] == ["2,000", "1,800", "200"]

@@ -107,3 +107,38 @@ def test_concurrent_votes_all_land(store):
     for t in threads:
         t.join()
     assert errors == [] and counts(store)[0] == 200
+
+
+def test_vote_queue_commits_concurrent_votes_together(store, monkeypatch):
+    """Concurrent votes through the gateway's queue: each caller hears its own result,
+    refused votes write nothing, and the accepted ones share few transactions."""
+    import asyncio
+
+    import serve.gateway.vote_queue as vote_queue
+    from feedback.votes import Vote, record_votes
+
+    ids = [f"q{i}" for i in range(200)]
+    for turn_id in ids:
+        store.add_turn(turn(turn_id))
+    batches = []
+    monkeypatch.setattr(vote_queue, "record_votes", lambda s, vs: batches.append(len(vs)) or record_votes(s, vs))
+
+    async def run():
+        queue = vote_queue.VoteQueue(store, max_batch=64)
+        queue.start()
+        calls = [queue.submit(Vote(t, "up", "key:a")) for t in ids]
+        calls += [queue.submit(Vote("no-such-turn", "up", "key:a")), queue.submit(Vote(ids[0], "up", "key:b")),
+                  queue.submit(Vote(ids[1], "sideways", "key:a")),
+                  queue.submit(Vote(ids[2], "retract", "key:a"))]  # after its own up, in the same batch
+        try:
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await queue.stop()
+
+    results = asyncio.run(run())
+    assert results[:200] == ["recorded"] * 200
+    assert [getattr(r, "status", None) for r in results[200:203]] == [404, 403, 400]
+    assert results[203] == "retracted"
+    assert store.query("SELECT count(*) FROM votes")[0][0] == 201
+    assert store.query("SELECT count(*) FROM current_votes")[0][0] == 199
+    assert sum(batches) == len(results) and len(batches) < 20  # grouped, at most 64 a batch

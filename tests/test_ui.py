@@ -1,7 +1,7 @@
 """The browser UI in a real browser: headless Debian Chromium driven by Playwright,
 against a real gateway (UI mounted at /) in front of the embedded engine on the tiny
 model, with a real DuckDB store. Each step's screenshot is saved under
-test-output/ui/<test>/ (PERSONA_TEST_OUTPUT overrides the folder)."""
+test-output/ui/<test>/."""
 
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ class Steps:
     """Screenshots of one test, numbered in order."""
 
     def __init__(self, page, name: str):
-        root = Path(os.environ.get("PERSONA_TEST_OUTPUT", REPO / "test-output"))
-        self.folder = root / "ui" / name
+        self.folder = REPO / "test-output" / "ui" / name
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
         self.page, self.n = page, 0

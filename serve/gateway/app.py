@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from feedback.votes import FeedbackError, record_comparison, record_vote
+from feedback.votes import FeedbackError, Vote, record_comparison
 from serve.engine.embedded import sse
 from serve.gateway import auth
 from serve.gateway.chat import open_chat
@@ -137,8 +137,8 @@ def create_gateway_app(gateway: Gateway, ui: bool = True, ui_users: tuple[tuple[
     async def feedback(request: Request):
         client = client_of(request)
         body: FeedbackRequest = await read_json(request, FeedbackRequest)
-        status = await asyncio.to_thread(record_vote, gateway.store, body.turn_id, body.vote, client,
-                                         body.choice_index, body.reason, body.comment)
+        status = await gateway.votes.submit(Vote(body.turn_id, body.vote, client, body.choice_index, body.reason,
+                                                 body.comment))
         return {"object": "feedback", "turn_id": body.turn_id, "choice_index": body.choice_index,
                 "vote": body.vote, "status": status}
 
@@ -196,6 +196,23 @@ def create_gateway_app(gateway: Gateway, ui: bool = True, ui_users: tuple[tuple[
 API_PREFIXES = ("/v1/", "/admin/", "/health", "/metrics")
 
 
+class LoopbackUI:
+    """Plain ASGI middleware: without UI logins, only loopback clients reach the UI (the API
+    routes check keys themselves). Plain ASGI, so API requests pay one string check."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not scope["path"].startswith(API_PREFIXES):
+            client = scope.get("client")
+            if not auth.is_loopback(client[0] if client else None):
+                response = PlainTextResponse("The browser UI serves loopback clients only; set PERSONA_UI_USERS "
+                                             "to log in from elsewhere.", status_code=403)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def mount_ui(app: FastAPI, gateway: Gateway, users: tuple[tuple[str, str], ...]) -> None:
     import gradio as gr
 
@@ -203,14 +220,7 @@ def mount_ui(app: FastAPI, gateway: Gateway, users: tuple[tuple[str, str], ...])
 
     if not users:
         log.warning("PERSONA_UI_USERS is not set: the browser UI serves loopback clients only, without login")
-
-        @app.middleware("http")
-        async def loopback_only(request: Request, call_next):
-            host = request.client.host if request.client else None
-            if not request.url.path.startswith(API_PREFIXES) and not auth.is_loopback(host):
-                return PlainTextResponse("The browser UI serves loopback clients only; set PERSONA_UI_USERS "
-                                         "to log in from elsewhere.", status_code=403)
-            return await call_next(request)
+        app.add_middleware(LoopbackUI)
 
     blocks = build_ui(gateway).queue(default_concurrency_limit=gateway.config.max_in_flight)
     gr.mount_gradio_app(app, blocks, path="/", auth=list(users) or None, footer_links=[], show_error=True,

@@ -17,6 +17,7 @@ from feedback.store import Store, Turn
 from serve.gateway.catalog import Catalog, Target, engine_name
 from serve.gateway.engines import EnginePool, UpstreamError
 from serve.gateway.metrics import Metrics
+from serve.gateway.vote_queue import VoteQueue
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class GatewayConfig:
     health_interval: float = 10.0      # seconds between engine health checks
     engine_wait: float = 600.0         # how long start-up waits for the engines
     drain_timeout: float = 120.0       # how long a swapped-out adapter may finish its requests
+    vote_batch: int = 512              # most votes written in one transaction (group commit)
 
 
 class Gateway:
@@ -64,6 +66,7 @@ class Gateway:
         self.store = store
         self.config = config or GatewayConfig()
         self.metrics = Metrics()
+        self.votes = VoteQueue(store, self.config.vote_batch)
         self.in_flight = 0
         self.adapter_in_flight: Counter[str] = Counter()
         self._health_task: asyncio.Task | None = None
@@ -79,12 +82,14 @@ class Gateway:
         for target in self.catalog.active_targets():
             await self.pool.ensure_loaded(target.adapter, target.path)
         await asyncio.to_thread(self.sync_store)
+        self.votes.start()
         self._health_task = asyncio.create_task(self._watch_health())
         log.info("gateway ready: %s", ", ".join(t.model_id for t in self.catalog.active_targets()) or "no personas")
 
     async def stop(self) -> None:
         if self._health_task:
             self._health_task.cancel()
+        await self.votes.stop()
         await self.pool.close()
 
     async def _watch_health(self) -> None:

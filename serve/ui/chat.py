@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from feedback.votes import record_comparison, record_vote
+from feedback.votes import Vote, record_comparison
 from serve.gateway.chat import open_chat
 from serve.gateway.core import Gateway, GatewayError
 from serve.protocol import ChatCompletionRequest
@@ -64,8 +64,7 @@ async def stream_answer(gateway: Gateway, model: str, messages: list[dict], sess
 
 
 async def vote(gateway: Gateway, turn_id: str, value: str, session: Session, reason: str | None = None) -> str:
-    return await asyncio.to_thread(record_vote, gateway.store, turn_id, value, session.client, 0, reason, None,
-                                   session.user)
+    return await gateway.votes.submit(Vote(turn_id, value, session.client, 0, reason, None, session.user))
 
 
 async def compare(gateway: Gateway, turn_a: str, turn_b: str, choice: str, left: str, session: Session) -> str:

@@ -1,0 +1,63 @@
+"""Group commit for votes: concurrent votes are checked and written together.
+
+Each vote waits for the batch it is in to commit, so an acknowledged vote is
+on disk; while one batch commits, the next one gathers. Under load one
+lookup and one insert serve many votes; alone, a vote is a batch of one.
+
+    queue = VoteQueue(store); queue.start()
+    status = await queue.submit(Vote(turn_id, "up", client))   # raises FeedbackError if refused
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from feedback.store import Store
+from feedback.votes import FeedbackError, Vote, record_votes
+
+log = logging.getLogger(__name__)
+
+
+class VoteQueue:
+    def __init__(self, store: Store, max_batch: int = 512):
+        self.store, self.max_batch = store, max_batch
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def submit(self, vote: Vote) -> str:
+        if self._task is None:  # not started (no event loop of its own yet): write directly
+            result = (await asyncio.to_thread(record_votes, self.store, [vote]))[0]
+        else:
+            future = asyncio.get_running_loop().create_future()
+            await self._queue.put((vote, future))
+            result = await future
+        if isinstance(result, FeedbackError):
+            raise result
+        return result
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await asyncio.to_thread(record_votes, self.store, [v for v, _ in batch])
+            except Exception as exc:  # the batch failed as a whole: every caller hears it
+                log.exception("writing %d votes failed", len(batch))
+                results = [exc] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, Exception) and not isinstance(result, FeedbackError):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
