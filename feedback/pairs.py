@@ -5,6 +5,8 @@ Works on any database with the store's tables (the live store or a snapshot):
 * **DPO pairs** (same prompt context, chosen vs rejected) from side-by-side
   comparisons (``a``/``b``) and from thumbs on different answers to the same
   context (an up-voted and a down-voted regeneration make a pair).
+  Each pair keeps its provenance: the turn ids, adapter versions and voters
+  behind it. Ties make no pair.
 * **KTO examples** (one answer, desirable or not) from thumbs on answers that
   are in no pair, and ``both_bad`` comparisons (two undesirable answers).
 * **SFT examples**: answers that were up-voted or won a comparison.
@@ -46,35 +48,42 @@ _BASE = """
     ),
     thumbs AS (
         SELECT t.persona, t.context, json_extract_string(t.answers, v.choice_index) AS answer,
-               CASE v.vote WHEN 'up' THEN voter.w ELSE -voter.w END AS w
+               CASE v.vote WHEN 'up' THEN voter.w ELSE -voter.w END AS w,
+               t.id AS turn, t.adapter_version AS version, v.client
         FROM current_votes v JOIN t ON t.id = v.turn_id JOIN voter ON voter.client = v.client
     ),
     cmp AS (
         SELECT ta.persona, ta.context, json_extract_string(ta.answers, 0) AS a,
-               json_extract_string(tb.answers, 0) AS b, c.choice, voter.w
+               json_extract_string(tb.answers, 0) AS b, c.choice, voter.w, ta.id AS turn_a, tb.id AS turn_b,
+               ta.adapter_version AS version_a, tb.adapter_version AS version_b, c.client
         FROM comparisons c JOIN t ta ON ta.id = c.turn_a JOIN t tb ON tb.id = c.turn_b
              JOIN voter ON voter.client = c.client
         WHERE ta.context = tb.context
     ),
     labels AS (   -- net thumbs per distinct answer text of a context (both_bad counts as two downs)
-        SELECT persona, context, answer, sum(w) AS score, count(*) AS votes
+        SELECT persona, context, answer, sum(w) AS score, count(*) AS votes,
+               list(DISTINCT turn) AS turns, list(DISTINCT version) AS versions, list(DISTINCT client) AS voters
         FROM (SELECT * FROM thumbs
-              UNION ALL SELECT persona, context, a, -w FROM cmp WHERE choice = 'both_bad'
-              UNION ALL SELECT persona, context, b, -w FROM cmp WHERE choice = 'both_bad')
+              UNION ALL SELECT persona, context, a, -w, turn_a, version_a, client FROM cmp WHERE choice = 'both_bad'
+              UNION ALL SELECT persona, context, b, -w, turn_b, version_b, client FROM cmp WHERE choice = 'both_bad')
         WHERE answer <> ''
         GROUP BY persona, context, answer
     ),
     evidence AS (  -- (chosen, rejected, weight) from comparisons and from thumbs
         SELECT persona, context, CASE choice WHEN 'a' THEN a ELSE b END AS chosen,
-               CASE choice WHEN 'a' THEN b ELSE a END AS rejected, w AS weight
+               CASE choice WHEN 'a' THEN b ELSE a END AS rejected, w AS weight,
+               [turn_a, turn_b] AS turns, [version_a, version_b] AS versions, [client] AS voters
         FROM cmp WHERE choice IN ('a', 'b') AND a <> b AND a <> '' AND b <> ''
         UNION ALL
-        SELECT u.persona, u.context, u.answer, d.answer, least(u.score, -d.score)
+        SELECT u.persona, u.context, u.answer, d.answer, least(u.score, -d.score),
+               list_concat(u.turns, d.turns), list_concat(u.versions, d.versions), list_concat(u.voters, d.voters)
         FROM labels u JOIN labels d ON u.context = d.context AND u.score > 0 AND d.score < 0
     ),
     net AS (       -- one row per unordered answer pair; opposite evidence cancels
         SELECT persona, context, least(chosen, rejected) AS x, greatest(chosen, rejected) AS y,
-               sum(CASE WHEN chosen < rejected THEN weight ELSE -weight END) AS net, count(*) AS votes
+               sum(CASE WHEN chosen < rejected THEN weight ELSE -weight END) AS net, count(*) AS votes,
+               list_distinct(flatten(list(turns))) AS turns, list_distinct(flatten(list(versions))) AS versions,
+               list_distinct(flatten(list(voters))) AS voters
         FROM evidence GROUP BY persona, context, x, y
     ),
     prompts AS (
@@ -99,12 +108,12 @@ def _queries(persona: str | None, rules: PairRules) -> dict[str, str]:
             SELECT n.persona, n.context, {_MSGS} AS prompt,
                    {_assistant("CASE WHEN n.net > 0 THEN n.x ELSE n.y END")} AS chosen,
                    {_assistant("CASE WHEN n.net > 0 THEN n.y ELSE n.x END")} AS rejected,
-                   abs(n.net) AS weight, n.votes, {split}
+                   abs(n.net) AS weight, n.votes, n.turns, n.versions, n.voters, {split}
             FROM net n JOIN prompts p USING (context) WHERE n.net <> 0
             ORDER BY n.persona, n.context, chosen[1].content, rejected[1].content""",
         "kto": base + f"""
             SELECT l.persona, l.context, {_MSGS} AS prompt, {_assistant("l.answer")} AS completion,
-                   l.score > 0 AS label, abs(l.score) AS weight, l.votes, {split}
+                   l.score > 0 AS label, abs(l.score) AS weight, l.votes, l.turns, l.versions, l.voters, {split}
             FROM labels l JOIN prompts p USING (context)
             WHERE l.score <> 0 AND NOT EXISTS (
                 SELECT 1 FROM net n WHERE n.context = l.context AND n.net <> 0 AND l.answer IN (n.x, n.y))

@@ -3,7 +3,7 @@
     persona setup                  provision the base model, train missing adapters
     persona provision              convert the base model to safetensors (once)
     persona train sft --persona teto [--recipe FILE] [--qlora]
-    persona adapters list|promote|rollback
+    persona adapters list|promote|rollback|candidate
     persona chat --persona teto "message"
     persona up [--engine embedded|vllm] [--port 7860]
     persona engine [--port 8001]
@@ -52,13 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = asub.add_parser("list", help="versions of each persona, with the active one marked")
     p.add_argument("--persona")
     p.set_defaults(func=c.adapters_list)
+    gateway_help = "the running gateway to hot-swap (default http://127.0.0.1:7860; none running is fine)"
     p = asub.add_parser("promote", help="make a version the persona's active adapter")
     p.add_argument("--persona", required=True)
     p.add_argument("--version", required=True, type=c.version_number)
+    p.add_argument("--gateway", default="http://127.0.0.1:7860", help=gateway_help)
     p.set_defaults(func=c.adapters_promote)
     p = asub.add_parser("rollback", help="go back to the previously active version")
     p.add_argument("--persona", required=True)
+    p.add_argument("--gateway", default="http://127.0.0.1:7860", help=gateway_help)
     p.set_defaults(func=c.adapters_rollback)
+    p = asub.add_parser("candidate", help="test a version against the active one in the side-by-side view")
+    p.add_argument("--persona", required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--version", type=c.version_number)
+    group.add_argument("--clear", action="store_true", help="stop testing a candidate")
+    p.add_argument("--gateway", default="http://127.0.0.1:7860", help=gateway_help)
+    p.set_defaults(func=c.adapters_candidate)
 
     p = sub.add_parser("chat", help="answer one message as a persona (loads the model in this process)")
     p.add_argument("--persona", required=True)

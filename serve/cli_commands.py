@@ -64,13 +64,14 @@ def adapters_list(args) -> None:
 
     table = Table("persona", "version", "active", "kind", "held-out NLL", "vs base", "created", "path")
     for name in [args.persona] if args.persona else list_persona_names():
-        current = registry.active(name)
+        current, candidate = registry.active(name), registry.candidate(name)
         for v in registry.versions(name):
             m = v.meta.get("metrics", {})
             nll = m.get("heldout_nll_adapter")
             red = m.get("heldout_nll_reduction")
             table.add_row(
-                name, f"v{v.version}", "*" if current and current.version == v.version else "",
+                name, f"v{v.version}", "*" if current and current.version == v.version else
+                "candidate" if candidate and candidate.version == v.version else "",
                 v.meta.get("kind", "?"), f"{nll:.3f}" if nll is not None else "-",
                 f"-{red:.1%}" if red is not None else "-", v.meta.get("created_at", "?"), str(v.path),
             )
@@ -81,7 +82,8 @@ def adapters_promote(args) -> None:
     from train import registry
 
     v = registry.set_active(args.persona, args.version, reason="manual promote")
-    console.print(f"{args.persona} now serves {v.name}")
+    console.print(f"{args.persona}'s active version is now {v.name}")
+    reload_gateway(args.gateway)
 
 
 def adapters_rollback(args) -> None:
@@ -89,6 +91,34 @@ def adapters_rollback(args) -> None:
 
     v = registry.rollback(args.persona)
     console.print(f"{args.persona} rolled back to {v.name}")
+    reload_gateway(args.gateway)
+
+
+def adapters_candidate(args) -> None:
+    from train import registry
+
+    v = registry.set_candidate(args.persona, None if args.clear else args.version)
+    console.print(f"{args.persona}: " + (f"{v.name} is the candidate (side by side against the active version)"
+                                         if v else "no candidate"))
+    reload_gateway(args.gateway)
+
+
+def reload_gateway(url: str) -> None:
+    """Ask a running gateway to re-read the registry (hot swap); fine when none runs."""
+    import httpx
+
+    keys = settings.get("PERSONA_ADMIN_KEY")
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    try:
+        r = httpx.post(url.rstrip("/") + "/admin/reload", headers=headers, timeout=600)
+    except httpx.ConnectError:
+        console.print(f"no gateway at {url}: the change applies when `persona up` starts")
+        return
+    except httpx.HTTPError as exc:
+        raise UserError(f"the gateway at {url} did not finish the reload ({type(exc).__name__})") from None
+    if r.status_code != 200:
+        raise UserError(f"the gateway at {url} refused the reload ({r.status_code}): {r.text[:200]}")
+    console.print(f"the gateway at {url} now serves: {', '.join(f'{k}={v}' for k, v in r.json()['active'].items())}")
 
 
 def chat(args) -> None:

@@ -38,6 +38,7 @@ def test_thumbs_on_regenerations_make_a_pair(store):
     record_vote(store, "t2", "down", "c1")
     assert dpo(store) == [("Let's go!", "Whatever.", 1.0)]
     row = store.query_dicts("SELECT * FROM pref_dpo")[0]
+    assert sorted(row["turns"]) == ["t1", "t2"] and row["voters"] == ["c1"]
     assert row["prompt"] == [SYSTEM, {"role": "user", "content": "hi"}]   # TRL's conversational format
     assert row["chosen"] == [{"role": "assistant", "content": "Let's go!"}]
     assert store.query("SELECT count(*) FROM pref_kto")[0][0] == 0  # both answers are in a pair
@@ -50,6 +51,8 @@ def test_comparisons_and_ties(store):
     record_comparison(store, "t1", "t2", "b", left="a", client="c1")
     record_comparison(store, "t1", "t3", "tie", left="b", client="c1")
     assert dpo(store) == [("B answer", "A answer", 1.0)]
+    row = store.query_dicts("SELECT turns, versions, voters FROM pref_dpo")[0]   # provenance
+    assert (sorted(row["turns"]), row["versions"], row["voters"]) == (["t1", "t2"], [1], ["c1"])
 
 
 def test_conflicting_votes_cancel_and_latest_vote_counts(store):

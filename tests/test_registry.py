@@ -62,3 +62,35 @@ def test_errors_are_clear(persona_home):
     (persona_home / "adapters" / "active.json").write_text("{broken")
     with pytest.raises(registry.RegistryError, match="active.json is corrupt"):
         registry.active("teto")
+
+
+def test_candidate_is_kept_until_promoted_or_cleared():
+    for _ in range(3):
+        make_version()
+    with pytest.raises(registry.RegistryError, match="no active adapter"):
+        registry.set_candidate("teto", 2)
+    registry.set_active("teto", 1)
+    with pytest.raises(registry.RegistryError, match="is the active version"):
+        registry.set_candidate("teto", 1)
+    registry.set_candidate("teto", 2)
+    registry.set_active("teto", 3)                     # another promotion keeps the candidate
+    assert registry.candidate("teto").version == 2
+    registry.set_active("teto", 2)                     # promoting the candidate ends its test
+    assert registry.candidate("teto") is None
+    registry.set_candidate("teto", 3)
+    registry.set_candidate("teto", None)
+    assert registry.candidate("teto") is None
+
+
+def test_candidate_command_without_a_gateway(persona_home):
+    import subprocess
+    import sys
+
+    make_version()
+    make_version()
+    registry.set_active("teto", 1)
+    result = subprocess.run([sys.executable, "-m", "serve.cli", "adapters", "candidate", "--persona", "teto",
+                             "--version", "2", "--gateway", "http://127.0.0.1:9"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "teto-v2 is the candidate" in result.stdout and "no gateway" in result.stdout
+    assert registry.candidate("teto").version == 2
