@@ -67,6 +67,40 @@ class SFTRecipe:
     logging_steps: int = 5
 
 
+@dataclass
+class DPORecipe:
+    """Preference retraining of a persona's active adapter (continued, with the active
+    adapter frozen as the reference), and the gate its candidate must pass."""
+
+    # dpo: pairs; kto: unpaired thumbs; auto: kto when unpaired examples outnumber pairs 2:1
+    method: Literal["auto", "dpo", "kto"] = "auto"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 5e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 384
+    seed: int = 0
+    qlora: Literal["auto", "on", "off"] = "auto"
+    bf16: Literal["auto", "on", "off"] = "auto"
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    float32_matmul_precision: Literal["highest", "high", "medium"] = "medium"
+    # Reference log-probs computed once, before training, in no-grad batches of this size:
+    # each step is then one forward and one backward of the policy only.
+    precompute_ref: bool = True
+    precompute_batch_size: int = 16
+    logging_steps: int = 5
+    # ---- the gate ----
+    min_pairs: int = 8                    # fewer training pairs than this: no run
+    min_reward_accuracy: float = 0.55     # held-out implicit reward accuracy the candidate must reach
+    max_sft_nll_increase: float = 0.10    # relative rise of held-out persona SFT loss allowed
+    sanity_max_tokens: int = 48           # answers to the fixed prompt set
+
+
 def recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
@@ -90,13 +124,19 @@ def override(recipe, **changes):
     return dataclasses.replace(recipe, **given)
 
 
-def _check(recipe: SFTRecipe, path: Path) -> None:
+def _check(recipe, path: Path) -> None:
     positive = {"batch_size": recipe.batch_size, "grad_accum": recipe.grad_accum,
-                "max_length": recipe.max_length, "lora.r": recipe.lora.r}
+                "max_length": recipe.max_length}
+    if isinstance(recipe, DPORecipe):
+        positive.update(beta=recipe.beta, min_pairs=recipe.min_pairs)
+        if not 0 <= recipe.min_reward_accuracy <= 1:
+            raise ConfigError(f"{path}: key 'min_reward_accuracy' must be between 0 and 1")
+    else:
+        positive["lora.r"] = recipe.lora.r
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{path}: key {key!r} must be positive, got {value}")
     if not 0 < recipe.learning_rate < 1:
         raise ConfigError(f"{path}: key 'learning_rate' must be between 0 and 1, got {recipe.learning_rate}")
-    if not recipe.languages:
+    if isinstance(recipe, SFTRecipe) and not recipe.languages:
         raise ConfigError(f"{path}: key 'languages' lists no language")

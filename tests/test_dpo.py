@@ -1,0 +1,95 @@
+"""Preference retraining (TRL's DPOTrainer) on the tiny model, and the gate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_lora, write_jsonl
+from train.gate import check, degenerate
+from train.recipes import DPORecipe
+
+SHORT, LONG = "Do it now.", "Well, there are many things one could consider here, and it depends on a lot."
+
+
+@pytest.fixture
+def tiny_persona(tmp_path, tiny_model_dir, monkeypatch):
+    """A persona 'tiny' with held-out dialogues and an active (random) adapter v1."""
+    from train import registry
+
+    personas = tmp_path / "personas"
+    for split in ("train", "heldout"):
+        write_jsonl(personas / "data" / f"{split}.jsonl", [
+            {"messages": [{"role": "user", "content": f"{split} question {i}"},
+                          {"role": "assistant", "content": SHORT}]} for i in range(6)])
+    (personas / "tiny.yaml").write_text(
+        "name: tiny\ndisplay_name: Tiny\ndescription: test\nsystem_prompt: Be short.\nlanguages: [en]\n"
+        "data:\n  train: [{path: data/train.jsonl, language: en}]\n"
+        "  heldout: [{path: data/heldout.jsonl, language: en}]\n")
+    monkeypatch.setenv("PERSONA_PERSONAS_DIR", str(personas))
+    staging = registry.staging_dir("tiny")
+    make_lora(tiny_model_dir, staging, seed=3, rank=8)
+    registry.set_active("tiny", registry.commit("tiny", staging, {"kind": "sft"}).version)
+    from train.personas import load_persona
+
+    return load_persona("tiny")
+
+
+def pairs_file(path, n_train=16, n_heldout=8):
+    import duckdb
+
+    rows = [{"prompt": [{"role": "system", "content": "Be short."}, {"role": "user", "content": f"q{i}"}],
+             "chosen": [{"role": "assistant", "content": SHORT}],
+             "rejected": [{"role": "assistant", "content": LONG}],
+             "split": "heldout" if i >= n_train else "train"} for i in range(n_train + n_heldout)]
+    src = path.with_suffix(".jsonl")
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    duckdb.sql(f"COPY (SELECT * FROM read_json_auto('{src}')) TO '{path}' (FORMAT parquet)")
+    return path
+
+
+def test_dpo_run_continues_the_active_adapter(tiny_persona, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from train import dpo, registry
+
+    recipe = DPORecipe(epochs=2, learning_rate=5e-3, batch_size=4, logging_steps=1, sanity_max_tokens=8)
+    version, metrics = dpo.run(tiny_persona, pairs_file(tmp_path / "pairs.parquet"), recipe, str(tiny_model_dir))
+    assert version.version == 2 and registry.active("tiny").version == 1   # registered, not served
+    assert version.meta["parent_version"] == 1 and version.meta["kind"] == "dpo"
+    assert (metrics["train_examples"], metrics["heldout_examples"], metrics["train_steps"]) == (16, 8, 8)
+    # Held-out pairs are scored against the active adapter: the candidate learned the preference.
+    assert metrics["reward_accuracy"] > 0.5 and metrics["reward_margin"] > 0
+    assert metrics["sft_nll_candidate"] > 0 and metrics["sft_nll_active"] > 0
+    assert len(metrics["sanity_answers"]) == len(dpo.SANITY_PROMPTS)
+    saved = load_file(version.path / "adapter_model.safetensors")
+    started = load_file(registry.get("tiny", 1).path / "adapter_model.safetensors")
+    assert saved.keys() == started.keys()                      # the same adapter, one copy, no "ref"
+    assert any((saved[k] - started[k]).abs().max() > 0 for k in saved)
+    on_disk = json.loads((version.path / "metrics.json").read_text())
+    assert on_disk["reward_accuracy"] == metrics["reward_accuracy"] and on_disk["log_history"]
+
+
+def test_dpo_run_refuses_too_little_data(tiny_persona, tiny_model_dir, tmp_path):
+    from train import dpo
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs at least 8"):
+        dpo.run(tiny_persona, pairs_file(tmp_path / "few.parquet", n_train=3, n_heldout=1), DPORecipe(),
+                str(tiny_model_dir))
+    with pytest.raises(ConfigError, match="expected prompt/chosen/rejected"):
+        (tmp_path / "bad.jsonl").write_text('{"messages": []}\n')
+        dpo.run(tiny_persona, tmp_path / "bad.jsonl", DPORecipe(), str(tiny_model_dir))
+
+
+def test_gate():
+    recipe = DPORecipe(min_reward_accuracy=0.55, max_sft_nll_increase=0.1)
+    good = {"reward_accuracy": 0.8, "reward_margin": 0.3, "sft_nll_candidate": 3.1, "sft_nll_active": 3.0,
+            "sanity_answers": ["Go for a walk, then sleep early.", "Study the summary tonight."]}
+    assert check(good, recipe) == []
+    reasons = check({**good, "reward_accuracy": 0.5, "sft_nll_candidate": 3.6,
+                     "sanity_answers": ["", "yes yes yes yes yes yes yes yes yes"]}, recipe)
+    assert len(reasons) == 3 and "0.50" in reasons[0] and "20.0%" in reasons[1] and "2 of 2" in reasons[2]
+    assert check({**good, "reward_accuracy": None}, recipe) == ["no held-out pairs to judge it on"]
+    assert degenerate("the cat the cat the cat the cat the cat the cat") and not degenerate("Fine, thanks.")

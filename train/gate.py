@@ -1,0 +1,55 @@
+"""The gate a retrained candidate must pass before it serves.
+
+* held-out preference pairs: its implicit reward accuracy (against the active
+  adapter it started from, the reference) reaches the recipe's minimum and
+  beats the active adapter's own, which is 0.5 (a model against itself is a
+  coin flip), with a positive mean margin;
+* the persona's held-out SFT dialogues: its loss rises by at most the
+  recipe's bound over the active adapter's;
+* a fixed prompt set: every answer is non-empty and not degenerate repetition.
+
+    reasons = check(metrics, recipe)      # [] when it passes
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from train.recipes import DPORecipe
+
+
+def degenerate(text: str) -> bool:
+    """Empty, or a loop: few distinct word trigrams, or one word being most of the text."""
+    words = text.split()
+    if not words:
+        return True
+    if len(words) < 8:
+        return False
+    trigrams = list(zip(words, words[1:], words[2:]))
+    if len(set(trigrams)) / len(trigrams) < 0.5:
+        return True
+    return Counter(words).most_common(1)[0][1] / len(words) > 0.5
+
+
+def check(metrics: dict, recipe: DPORecipe) -> list[str]:
+    reasons = []
+    accuracy, margin = metrics.get("reward_accuracy"), metrics.get("reward_margin")
+    if accuracy is None:
+        reasons.append("no held-out pairs to judge it on")
+    else:
+        floor = max(recipe.min_reward_accuracy, 0.5)
+        if accuracy <= floor:
+            reasons.append(f"held-out reward accuracy {accuracy:.2f} is not above {floor:.2f}")
+        if margin is not None and margin <= 0:
+            reasons.append(f"held-out reward margin {margin:.4f} is not positive")
+    cand, active = metrics.get("sft_nll_candidate"), metrics.get("sft_nll_active")
+    if cand is not None and active:
+        rise = (cand - active) / active
+        if rise > recipe.max_sft_nll_increase:
+            reasons.append(f"held-out persona loss rose {rise:.1%} ({active:.3f} -> {cand:.3f}); "
+                           f"the bound is {recipe.max_sft_nll_increase:.0%}")
+    bad = [a for a in metrics.get("sanity_answers", []) if degenerate(a)]
+    if bad:
+        reasons.append(f"{len(bad)} of {len(metrics['sanity_answers'])} answers to the fixed prompts are empty "
+                       f"or degenerate (e.g. {bad[0][:60]!r})")
+    return reasons
