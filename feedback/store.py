@@ -178,7 +178,8 @@ class Store:
     def sync_adapters(self, adapters: list[dict]) -> None:
         """Mirror the adapter registry: one row per version (name, persona, version, path,
         kind, parent_version, status, metrics, created_at). Versions no longer on disk are
-        marked retired. An adapter with no training run yet gets one, from its metadata."""
+        marked retired. An SFT adapter with no training run yet gets one, from its metadata
+        (``persona setup`` trains before any gateway runs; preference runs record themselves)."""
         now = utc_now()
         rows = [[a["name"], a["persona"], a["version"], a["path"], a.get("kind"), a.get("parent_version"),
                  a["status"], json.dumps(a.get("metrics") or {}), a.get("created_at"), now] for a in adapters]
@@ -189,6 +190,8 @@ class Store:
                 con.execute("UPDATE adapters SET status = 'retired', updated_at = ? WHERE status <> 'retired'", [now])
                 con.executemany("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 for a in adapters:
+                    if (a.get("kind") or "sft") != "sft":
+                        continue
                     known = con.execute("SELECT count(*) FROM training_runs WHERE persona = ? AND adapter_version = ?",
                                         [a["persona"], a["version"]]).fetchone()[0]
                     if not known:

@@ -7,6 +7,8 @@
     persona chat --persona teto "message"
     persona up [--engine embedded|vllm] [--port 7860]
     persona engine [--port 8001]
+    persona retrain --persona teto [--force] [--wait]
+    persona simulate --rater train.raters:shorter --persona teto [--rounds 3] [--pairs-per-round 64]
     persona feedback stats | export --format dpo|kto|sft --persona teto --out FILE
     persona data check [FILE ...]
     persona bench sft
@@ -89,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_up.add_arguments(p)
     p.set_defaults(func=cli_up.up)
+
+    p = sub.add_parser("retrain", help="retrain a persona from its preference data now (gate, then promote)")
+    from serve import cli_loop
+
+    cli_loop.add_arguments(p)
+
+    p = sub.add_parser("simulate", help="drive the loop through the API with a scripted rater")
+    from train import simulate
+
+    simulate.add_arguments(p)
 
     fb = sub.add_parser("feedback", help="feedback statistics and preference-data export")
     from serve import cli_feedback

@@ -53,6 +53,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--database", help="feedback store file (default: PERSONA_HOME/feedback.duckdb)")
     parser.add_argument("--vote-batch", type=int, default=512,
                         help="most votes written in one transaction (concurrent votes are committed together)")
+    parser.add_argument("--min-new-pairs", type=int, default=32,
+                        help="the scheduler retrains a persona once it has this many new preference pairs")
+    parser.add_argument("--retrain-interval", type=float, default=3600,
+                        help="seconds between two scheduled retrains of one persona, at least")
+    parser.add_argument("--no-scheduler", action="store_true", help="no scheduled retraining")
+    parser.add_argument("--retrain-recipe", default="dpo", help="preference recipe of the runs (name or YAML file)")
     parser.add_argument("--vllm-arg", action="append", default=[],
                         help="extra argument for the vLLM server (repeatable), e.g. --vllm-arg=--dtype=bfloat16")
 
@@ -117,6 +123,12 @@ def up(args) -> None:
         # (not the default action, which kills at once) it unwinds this stack, so the
         # engine or vLLM server this command started is stopped too.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        from serve.gateway.scheduler import ScheduleConfig, Scheduler
+
+        gateway.scheduler = Scheduler(gateway, ScheduleConfig(
+            enabled=not args.no_scheduler, min_new_pairs=args.min_new_pairs, interval=args.retrain_interval,
+            gateway_url=f"http://127.0.0.1:{args.port}", log_dir=settings.runs_dir() / "logs",
+            recipe=args.retrain_recipe))
         app = create_gateway_app(gateway, ui_users=settings.get("PERSONA_UI_USERS"))
         err.print(f"browser UI on http://{args.host}:{args.port}/")
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")

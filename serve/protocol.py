@@ -154,6 +154,30 @@ class ComparisonRequest(BaseModel):
     left: str = Field(default="a", min_length=1, max_length=1)
 
 
+class RunRecord(BaseModel):
+    """A training run as the loop reports it (columns of the store's training_runs)."""
+
+    id: str = Field(min_length=1, max_length=200)
+    persona: str = Field(min_length=1, max_length=100)
+    kind: str = Field(default="dpo", max_length=16)
+    status: str = Field(max_length=32)
+    parent_version: int | None = None
+    adapter_version: int | None = None
+    started_at: str
+    finished_at: str | None = None
+    train_examples: int | None = None
+    heldout_examples: int | None = None
+    reward_accuracy: float | None = None
+    reward_margin: float | None = None
+    metrics: dict | None = None
+    message: str | None = Field(default=None, max_length=4000)
+
+
+class RetrainRequest(BaseModel):
+    persona: str = Field(min_length=1, max_length=100)
+    force: bool = False
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str

@@ -62,7 +62,7 @@ def test_dpo_run_continues_the_active_adapter(tiny_persona, tiny_model_dir, tmp_
     # Held-out pairs are scored against the active adapter: the candidate learned the preference.
     assert metrics["reward_accuracy"] > 0.5 and metrics["reward_margin"] > 0
     assert metrics["sft_nll_candidate"] > 0 and metrics["sft_nll_active"] > 0
-    assert len(metrics["sanity_answers"]) == len(dpo.SANITY_PROMPTS)
+    assert len(metrics["sanity_answers"]) == len(metrics["sanity_answers_active"]) == len(dpo.SANITY_PROMPTS)
     saved = load_file(version.path / "adapter_model.safetensors")
     started = load_file(registry.get("tiny", 1).path / "adapter_model.safetensors")
     assert saved.keys() == started.keys()                      # the same adapter, one copy, no "ref"
@@ -91,5 +91,9 @@ def test_gate():
     reasons = check({**good, "reward_accuracy": 0.5, "sft_nll_candidate": 3.6,
                      "sanity_answers": ["", "yes yes yes yes yes yes yes yes yes"]}, recipe)
     assert len(reasons) == 3 and "0.50" in reasons[0] and "20.0%" in reasons[1] and "2 of 2" in reasons[2]
+    # A model that already loops on these prompts is not held against its candidate.
+    looping = {**good, "sanity_answers_active": ["", "no no no no no no no no no"],
+               "sanity_answers": ["", "ok ok ok ok ok ok ok ok ok"]}
+    assert check(looping, recipe) == []
     assert check({**good, "reward_accuracy": None}, recipe) == ["no held-out pairs to judge it on"]
     assert degenerate("the cat the cat the cat the cat the cat the cat") and not degenerate("Fine, thanks.")

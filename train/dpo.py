@@ -168,11 +168,12 @@ def run(persona: Persona, data: str | Path, recipe: DPORecipe, base: str) -> tup
             metrics["heldout_loss"] = evaluated.get("eval_loss")
         metrics.update(sft_losses(model, tokenizer, persona))
         metrics["sanity_answers"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens)
+        metrics["sanity_answers_active"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens, "ref")
         shutil.rmtree(staging / "trainer", ignore_errors=True)
         model.save_pretrained(str(staging), selected_adapters=["default"])
         _write_json(staging / "metrics.json", {**metrics, "log_history": trainer.state.log_history})
         meta = {"kind": kind, "base_model": base, "recipe": asdict(recipe), "data_file": str(data),
-                "metrics": {k: v for k, v in metrics.items() if k != "sanity_answers"},
+                "metrics": {k: v for k, v in metrics.items() if not k.startswith("sanity_answers")},
                 "parent_version": active.version, "qlora": qlora,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         version = registry.commit(persona.name, staging, meta)
@@ -208,12 +209,16 @@ def sft_losses(model, tokenizer, persona: Persona) -> dict:
     return out
 
 
-def sanity_answers(model, tokenizer, persona: Persona, max_tokens: int) -> list[str]:
-    """Greedy answers of the candidate to the fixed prompt set."""
+def sanity_answers(model, tokenizer, persona: Persona, max_tokens: int, adapter: str = "default") -> list[str]:
+    """Greedy answers to the fixed prompt set, of the candidate ("default") or of the
+    active adapter it started from ("ref")."""
     import torch
 
+    if adapter not in model.peft_config:
+        return []
     answers = []
     model.eval()
+    model.set_adapter(adapter)
     for prompt in SANITY_PROMPTS:
         messages = [{"role": "system", "content": persona.system_prompt}, {"role": "user", "content": prompt}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -222,4 +227,5 @@ def sanity_answers(model, tokenizer, persona: Persona, max_tokens: int) -> list[
             out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
         answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    model.set_adapter("default")
     return answers

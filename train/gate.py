@@ -6,7 +6,8 @@
   coin flip), with a positive mean margin;
 * the persona's held-out SFT dialogues: its loss rises by at most the
   recipe's bound over the active adapter's;
-* a fixed prompt set: every answer is non-empty and not degenerate repetition.
+* a fixed prompt set: its answers are non-empty and not degenerate repetition
+  (no more of them are than of the active adapter's answers to the same prompts).
 
     reasons = check(metrics, recipe)      # [] when it passes
 """
@@ -49,7 +50,8 @@ def check(metrics: dict, recipe: DPORecipe) -> list[str]:
             reasons.append(f"held-out persona loss rose {rise:.1%} ({active:.3f} -> {cand:.3f}); "
                            f"the bound is {recipe.max_sft_nll_increase:.0%}")
     bad = [a for a in metrics.get("sanity_answers", []) if degenerate(a)]
-    if bad:
+    before = sum(degenerate(a) for a in metrics.get("sanity_answers_active", []))
+    if len(bad) > before:
         reasons.append(f"{len(bad)} of {len(metrics['sanity_answers'])} answers to the fixed prompts are empty "
-                       f"or degenerate (e.g. {bad[0][:60]!r})")
+                       f"or degenerate (e.g. {bad[0][:60]!r}), against {before} of the active adapter's")
     return reasons

@@ -94,7 +94,9 @@ class DPORecipe:
     precompute_ref: bool = True
     precompute_batch_size: int = 16
     logging_steps: int = 5
-    # ---- the gate ----
+    # ---- the data and the gate ----
+    heldout_percent: int = 10             # share of prompt contexts held out to judge the candidate
+    voter_cap: float = 200.0              # the most weight one voter's votes carry, all together
     min_pairs: int = 8                    # fewer training pairs than this: no run
     min_reward_accuracy: float = 0.55     # held-out implicit reward accuracy the candidate must reach
     max_sft_nll_increase: float = 0.10    # relative rise of held-out persona SFT loss allowed

@@ -8,6 +8,9 @@
     POST /v1/unload_lora_adapter  admin
     POST /admin/reload            admin: re-read the adapter registry and hot-swap active versions
     POST /admin/snapshot          admin: export the store as Parquet; answers {"path": folder}
+    POST /admin/runs              admin: record a training run (the loop's runs report here)
+    GET  /admin/runs              admin: recent training runs (?persona=)
+    POST /admin/retrain           admin: start a retrain of a persona now ({"persona", "force"})
     GET  /admin/engines           admin: replicas, health, requests in flight
     GET  /health                  200 when at least one engine is up
     GET  /metrics                 admin: Prometheus text format
@@ -33,13 +36,14 @@ from serve.gateway.core import Gateway, GatewayError
 from serve.gateway.engines import UpstreamError, parse_error
 from serve.protocol import (
     ChatCompletionRequest, ComparisonRequest, ErrorInfo, ErrorResponse, FeedbackRequest, LoadLoRAAdapterRequest,
-    ModelCard, ModelList, UnloadLoRAAdapterRequest,
+    ModelCard, ModelList, RetrainRequest, RunRecord, UnloadLoRAAdapterRequest,
 )
 
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error",
                503: "server_error"}
 
 
@@ -176,6 +180,30 @@ def create_gateway_app(gateway: Gateway, ui: bool = True, ui_users: tuple[tuple[
     async def snapshot(request: Request):
         client_of(request, admin=True)
         return {"path": await asyncio.to_thread(gateway.snapshot)}
+
+    @app.post("/admin/runs")
+    async def record_run(request: Request):
+        client_of(request, admin=True)
+        body = await read_json(request, RunRecord)
+        await asyncio.to_thread(gateway.store.record_run, body.model_dump(exclude_none=True))
+        return {"id": body.id, "status": body.status}
+
+    @app.get("/admin/runs")
+    async def runs(request: Request, persona: str | None = None, limit: int = 20):
+        client_of(request, admin=True)
+        rows = await asyncio.to_thread(
+            gateway.store.query_dicts,
+            "SELECT * EXCLUDE (metrics) FROM training_runs WHERE ? IS NULL OR persona = ? "
+            "ORDER BY started_at DESC LIMIT ?", [persona, persona, max(1, min(limit, 500))])
+        return {"runs": rows}
+
+    @app.post("/admin/retrain")
+    async def retrain(request: Request):
+        client_of(request, admin=True)
+        body = await read_json(request, RetrainRequest)
+        if gateway.scheduler is None:
+            raise GatewayError(503, "This gateway has no retrain scheduler.")
+        return gateway.scheduler.launch(body.persona, body.force)
 
     @app.get("/admin/engines")
     async def engines(request: Request):

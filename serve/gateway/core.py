@@ -67,6 +67,7 @@ class Gateway:
         self.config = config or GatewayConfig()
         self.metrics = Metrics()
         self.votes = VoteQueue(store, self.config.vote_batch)
+        self.scheduler = None  # a serve.gateway.scheduler.Scheduler when retraining is scheduled
         self.in_flight = 0
         self.adapter_in_flight: Counter[str] = Counter()
         self._health_task: asyncio.Task | None = None
@@ -83,6 +84,8 @@ class Gateway:
             await self.pool.ensure_loaded(target.adapter, target.path)
         await asyncio.to_thread(self.sync_store)
         self.votes.start()
+        if self.scheduler:
+            self.scheduler.start()
         self._health_task = asyncio.create_task(self._watch_health())
         log.info("gateway ready: %s", ", ".join(t.model_id for t in self.catalog.active_targets()) or "no personas")
 
@@ -90,6 +93,8 @@ class Gateway:
         if self._health_task:
             self._health_task.cancel()
         await self.votes.stop()
+        if self.scheduler:
+            await self.scheduler.stop()
         await self.pool.close()
 
     async def _watch_health(self) -> None:

@@ -1,0 +1,161 @@
+"""``persona simulate``: drive the real loop through the public API with a scripted rater.
+
+Each round: for ``pairs_per_round`` prompts, ask the persona twice (sampled),
+let the rater pick, post the comparison; then retrain (through the gateway)
+and measure, on held-out prompts, how often the rater prefers the active
+version's answer to the original version's (ties count half).
+
+    persona simulate --rater train.raters:shorter --persona teto --rounds 3 --pairs-per-round 64
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from feedback import settings
+from feedback.errors import UserError
+
+console = Console()
+
+
+def load_rater(spec: str):
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise UserError(f"--rater {spec!r}: expected MODULE:FUNCTION, e.g. train.raters:shorter")
+    try:
+        rater = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"--rater {spec!r}: {exc}") from None
+    if not callable(rater):
+        raise UserError(f"--rater {spec!r} is not a function")
+    return rater
+
+
+def persona_prompts(persona: str, split: str) -> list[str]:
+    """First user messages of the persona's dialogues (train or held-out files)."""
+    from train.data import load_files
+    from train.personas import load_persona
+
+    info = load_persona(persona)
+    files = [(info.resolve(f.path), f.language) for f in info.files(split, ["en"])]
+    prompts = [next(m["content"] for m in e.messages if m["role"] == "user") for e in load_files(files, ["en"])]
+    return list(dict.fromkeys(prompts))
+
+
+class Api:
+    def __init__(self, url: str):
+        import httpx
+
+        api_keys, admin_keys = settings.get("PERSONA_API_KEY"), settings.get("PERSONA_ADMIN_KEY")
+        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=600)
+        self.api = {"Authorization": f"Bearer {api_keys[0]}"} if api_keys else {}
+        self.admin = {"Authorization": f"Bearer {admin_keys[0]}"} if admin_keys else {}
+
+    def ask(self, model: str, prompt: str, max_tokens: int, temperature: float, seed: int | None = None) -> dict:
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": temperature, **({"seed": seed} if seed is not None else {})}
+        r = self.http.post("/v1/chat/completions", json=body, headers=self.api)
+        if r.status_code != 200:
+            raise UserError(f"the gateway refused a chat ({r.status_code}): {r.text[:200]}")
+        return r.json()
+
+    def compare(self, turn_a: str, turn_b: str, choice: str, left: str) -> None:
+        r = self.http.post("/v1/comparisons", json={"turn_a": turn_a, "turn_b": turn_b, "choice": choice,
+                                                    "left": left}, headers=self.api)
+        if r.status_code != 200:
+            raise UserError(f"the gateway refused a comparison ({r.status_code}): {r.text[:200]}")
+
+    def retrain(self, persona: str, timeout: float) -> dict:
+        asked = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        r = self.http.post("/admin/retrain", json={"persona": persona, "force": True}, headers=self.admin)
+        if r.status_code != 200:
+            raise UserError(f"the gateway refused the retrain ({r.status_code}): {r.text[:200]}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            runs = self.http.get("/admin/runs", params={"persona": persona, "limit": 1}, headers=self.admin)
+            run = (runs.json()["runs"] or [None])[0]
+            if run and str(run["started_at"]) >= asked and run["status"] != "running":
+                return run
+        raise UserError(f"the retrain of {persona} did not finish in {timeout:.0f} s")
+
+    def active_version(self, persona: str) -> int:
+        reply = self.ask(persona, "hi", 1, 0.0)
+        return int(reply["model"].split("@v")[1])
+
+
+def preference_rate(api: Api, rater, persona: str, original: int, prompts: list[str], max_tokens: int) -> float:
+    """How often the rater prefers the active version's greedy answer to the original's."""
+    score = 0.0
+    for i, prompt in enumerate(prompts):
+        new = api.ask(persona, prompt, max_tokens, 0.0)["choices"][0]["message"]["content"]
+        old = api.ask(f"{persona}@v{original}", prompt, max_tokens, 0.0)["choices"][0]["message"]["content"]
+        a_is_new = i % 2 == 0  # alternate positions: the rater sees no fixed order
+        verdict = rater(prompt, new, old) if a_is_new else rater(prompt, old, new)
+        score += 0.5 if verdict == "tie" else float((verdict == "a") == a_is_new)
+    return score / max(len(prompts), 1)
+
+
+def main(args) -> None:
+    rater = load_rater(args.rater)
+    api = Api(args.gateway)
+    prompts = (json.loads(Path(args.prompts).read_text()) if args.prompts and args.prompts.endswith(".json")
+               else Path(args.prompts).read_text().splitlines() if args.prompts else persona_prompts(args.persona, "train"))
+    heldout = persona_prompts(args.persona, "heldout")[: args.heldout]
+    if not prompts or not heldout:
+        raise UserError(f"{args.persona} has no prompts to ask (train) or to measure on (held-out)")
+    rng = random.Random(args.seed)
+    original = api.active_version(args.persona)
+    table = Table("round", "comparisons", "a / b / tie", "run", "status", "served", "reward acc.",
+                  "preferred over original", title=f"{args.persona}: rater {args.rater}")
+    start_rate = preference_rate(api, rater, args.persona, original, heldout, args.max_tokens)
+    table.add_row("0", "-", "-", "-", "-", f"v{original}", "-", f"{start_rate:.0%}")
+    started = time.monotonic()
+    for round_no in range(1, args.rounds + 1):
+        counts = {"a": 0, "b": 0, "tie": 0}
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"round {round_no}: asking and rating", total=args.pairs_per_round)
+            for _ in range(args.pairs_per_round):
+                prompt = rng.choice(prompts)
+                one = api.ask(args.persona, prompt, args.max_tokens, args.temperature, rng.randrange(1 << 30))
+                two = api.ask(args.persona, prompt, args.max_tokens, args.temperature, rng.randrange(1 << 30))
+                left = rng.choice("ab")
+                shown = (one, two) if left == "a" else (two, one)
+                verdict = rater(prompt, *(s["choices"][0]["message"]["content"] for s in shown))
+                choice = verdict if verdict == "tie" or left == "a" else ("b" if verdict == "a" else "a")
+                counts[verdict] += 1
+                api.compare(one["id"], two["id"], choice, left)
+                progress.advance(task)
+        run = api.retrain(args.persona, args.timeout)
+        rate = preference_rate(api, rater, args.persona, original, heldout, args.max_tokens)
+        served = api.active_version(args.persona)
+        accuracy = run.get("reward_accuracy")
+        table.add_row(str(round_no), str(args.pairs_per_round), f"{counts['a']} / {counts['b']} / {counts['tie']}",
+                      run["id"], run["status"], f"v{served}", "-" if accuracy is None else f"{accuracy:.0%}",
+                      f"{rate:.0%}")
+        console.print(table)
+    console.print(f"{args.rounds} rounds in {(time.monotonic() - started) / 60:.1f} min")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--rater", required=True, help="MODULE:FUNCTION, (prompt, answer_a, answer_b) -> a|b|tie")
+    p.add_argument("--persona", required=True)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--pairs-per-round", type=int, default=64)
+    p.add_argument("--prompts", help="prompts to ask (a .txt file, one a line, or a .json list); "
+                                     "default: the persona's training prompts")
+    p.add_argument("--heldout", type=int, default=32, help="held-out prompts to measure on")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds a retrain may take")
+    p.add_argument("--gateway", default="http://127.0.0.1:7860")
+    p.set_defaults(func=main)
