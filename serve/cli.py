@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_speed.add_arguments(p)
     p.set_defaults(func=serve_speed.main)
 
+    p = bsub.add_parser("train", help="DPO step time: our recipe against TRL's defaults and plain fwd+bwd")
+    from bench import train_speed
+
+    train_speed.add_arguments(p)
+    p.set_defaults(func=train_speed.main)
+
     p = bsub.add_parser("feedback", help="votes per second through the API, latency, none lost")
     from bench import feedback_speed
 

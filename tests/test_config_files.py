@@ -7,7 +7,7 @@ import pytest
 from train.config import ConfigError
 from train.data import load_file
 from train.personas import list_persona_names, load_persona, load_persona_file
-from train.recipes import RECIPES_DIR, SFTRecipe, load_recipe
+from train.recipes import RECIPES_DIR, DPORecipe, SFTRecipe, load_recipe
 
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 PERSONAS = list_persona_names()
@@ -19,7 +19,8 @@ def test_the_shipped_personas_are_there():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_parses(path):
-    assert isinstance(load_recipe(str(path)), SFTRecipe)
+    cls = DPORecipe if path.stem.startswith("dpo") else SFTRecipe   # preference recipes vs SFT recipes
+    assert isinstance(load_recipe(str(path), cls), cls)
 
 
 @pytest.mark.parametrize("name", PERSONAS)

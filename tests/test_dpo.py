@@ -97,3 +97,14 @@ def test_gate():
     assert check(looping, recipe) == []
     assert check({**good, "reward_accuracy": None}, recipe) == ["no held-out pairs to judge it on"]
     assert degenerate("the cat the cat the cat the cat the cat the cat") and not degenerate("Fine, thanks.")
+
+
+def test_bench_train_prints_every_configuration(tiny_model_dir):
+    from test_cli import persona
+
+    result = persona("bench", "train", "--steps", "1", "--batch-size", "2", "--base-model", str(tiny_model_dir),
+                     env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert [r.split("│")[1].strip()[:4] for r in rows] == ["ours", "TRL'", "plai"]
+    assert "1.00x" in rows[0] and "1.00x" in rows[2] and "precomputed once" in result.stdout
