@@ -167,7 +167,7 @@ def main(args: argparse.Namespace) -> None:
                 run_trainer(base, adapter, rows, args.steps, args.batch_size, ours=True)),
                ("TRL's default DPOConfig", run_trainer(base, adapter, rows, args.steps, args.batch_size, ours=False))]
     ours = results[0][1]["step"]
-    table = Table("configuration", "bf16", "grad. checkpointing", "ref. precomputed", "s / step", "vs ours",
+    table = Table("configuration", "bf16", "grad. checkpointing", "ref. precomputed", "s / step", "speed vs ours",
                   "vs plain fwd+bwd", "GFLOP/s",
                   title=f"DPO step, {args.batch_size} pairs ({plain['tokens']:.0f} tokens) on {Path(base).name}",
                   caption="vs plain fwd+bwd: step time over a plain forward + backward of the same tokens "

@@ -31,6 +31,7 @@ def add_arguments(p) -> None:
 
 def retrain(args) -> int:
     from train.loop import GatewayClient, retrain as run_here
+    from train.simulate import FINISHED
 
     client = None if args.here else GatewayClient.reachable(args.gateway)
     if client is None:
@@ -45,7 +46,7 @@ def retrain(args) -> int:
     while True:
         time.sleep(2)
         runs = client.http.get("/admin/runs", params={"persona": args.persona, "limit": 1}).json()["runs"]
-        if runs and str(runs[0]["started_at"]) >= asked and runs[0]["status"] not in ("running",):
+        if runs and str(runs[0]["started_at"]) >= asked and runs[0]["status"] in FINISHED:
             run = runs[0]
             console.print(f"run {run['id']}: {run['status']} ({run.get('message')})")
             return 0 if run["status"] in ("promoted", "skipped", "rejected") else 1

@@ -108,3 +108,37 @@ def test_bench_train_prints_every_configuration(tiny_model_dir):
     rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
     assert [r.split("│")[1].strip()[:4] for r in rows] == ["ours", "TRL'", "plai"]
     assert "1.00x" in rows[0] and "1.00x" in rows[2] and "precomputed once" in result.stdout
+
+
+def test_lean_dpo_loss_equals_trls(tiny_persona, tiny_model_dir, tmp_path):
+    """The lean loss (LM head at completion positions only) gives TRL's log-probs and loss."""
+    import math
+
+    import torch
+    from trl import DPOTrainer
+
+    from train import base_model, dpo, registry
+
+    rows, _, _ = dpo.read_preferences(pairs_file(tmp_path / "pairs.parquet", n_train=8, n_heldout=0))
+    rows[1]["rejected"] = [{"role": "assistant", "content": "No."}]  # uneven lengths: padding in the batch
+    recipe = DPORecipe(batch_size=4, max_steps=1)
+    tokenizer = base_model.load_tokenizer(str(tiny_model_dir))
+    model, _ = dpo.load_policy(str(tiny_model_dir), registry.active("tiny").path, recipe, cuda=False)
+    trainer = dpo.make_trainer(model, tokenizer, rows, dpo.trainer_config(recipe, "dpo", False, tmp_path / "o"), "dpo")
+    assert type(trainer).__name__ == "LeanDPOTrainer"
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        # Before any step the policy is the reference: our log-probs, TRL's reference log-probs
+        # and the precomputed ones in the batch (ours, through the "ref" adapter) agree.
+        ours = dpo.completion_logps(model, batch)
+        trls = torch.cat(DPOTrainer.compute_ref_log_probs(trainer, model, batch))
+        assert torch.allclose(ours, trls, atol=1e-3), (ours, trls)
+        precomputed = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+        assert torch.allclose(precomputed, trls, atol=1e-3)
+        for name, param in model.named_parameters():  # move the policy away from the reference
+            if "lora_B.default" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+        lean = trainer.compute_loss(model, batch).item()
+        reference = DPOTrainer._compute_loss(trainer, model, batch, False).item()
+    assert abs(lean - math.log(2)) > 1e-3
+    assert abs(lean - reference) < 1e-4, (lean, reference)

@@ -105,13 +105,69 @@ def trainer_config(recipe: DPORecipe, kind: str, cuda: bool, output_dir: Path, *
     return (DPOConfig if kind == "dpo" else KTOConfig)(**fields)
 
 
-def make_trainer(model, tokenizer, train_rows: list[dict], config, kind: str):
+def make_trainer(model, tokenizer, train_rows: list[dict], config, kind: str, lean: bool = True):
+    """TRL's trainer for ``kind``; ``lean`` swaps in the lean DPO loss where it applies
+    (sigmoid loss, precomputed reference log-probs)."""
     from datasets import Dataset
     from trl import DPOTrainer, KTOTrainer
 
     cls = DPOTrainer if kind == "dpo" else KTOTrainer
+    if lean and kind == "dpo" and list(config.loss_type) == ["sigmoid"] and config.precompute_ref_log_probs \
+            and config.ld_alpha is None:
+        cls = _lean_dpo_class()
     model.config.use_cache = False
     return cls(model=model, args=config, train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer)
+
+
+def completion_logps(model, inputs):
+    """Summed log-probs of each sequence's completion tokens, with the LM head applied only
+    at completion positions (TRL's fused head computes log-probs, entropy and top-1 for
+    every position over the whole vocabulary)."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        use_cache=False).last_hidden_state
+    mask = inputs["completion_mask"][:, 1:].bool()
+    rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    logits = base.lm_head(hidden[:, :-1][mask]).float()
+    token_logps = -torch.nn.functional.cross_entropy(logits, inputs["input_ids"][:, 1:][mask], reduction="none")
+    return torch.zeros(mask.size(0), dtype=token_logps.dtype, device=mask.device).index_add(0, rows, token_logps)
+
+
+def _lean_dpo_class():
+    """DPOTrainer with the sigmoid DPO loss computed from completion positions only."""
+    import torch.nn.functional as F
+    from trl import DPOTrainer
+
+    class LeanDPOTrainer(DPOTrainer):
+        def compute_ref_log_probs(self, model, inputs):
+            """The precomputed reference: the frozen "ref" adapter, same lean log-probs."""
+            import torch
+            from trl.trainer.utils import use_adapter
+
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            with torch.no_grad(), use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config
+                                               else None):
+                return completion_logps(self.model, inputs).chunk(2, dim=0)
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            mode = "train" if self.model.training else "eval"
+            chosen, rejected = completion_logps(model, inputs).chunk(2, dim=0)
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            chosen_rewards = self.beta * (chosen - ref_chosen)
+            rejected_rewards = self.beta * (rejected - ref_rejected)
+            loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+            metrics = self._metrics[mode]
+            metrics["rewards/chosen"].append(chosen_rewards.mean().item())
+            metrics["rewards/rejected"].append(rejected_rewards.mean().item())
+            metrics["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
+            metrics["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+            metrics["logps/chosen"].append(chosen.mean().item())
+            metrics["logps/rejected"].append(rejected.mean().item())
+            return (loss, {}) if return_outputs else loss
+
+    return LeanDPOTrainer
 
 
 def load_policy(base: str, adapter: Path, recipe: DPORecipe, cuda: bool):

@@ -24,6 +24,7 @@ from feedback import settings
 from feedback.errors import UserError
 
 console = Console()
+FINISHED = ("promoted", "rejected", "skipped", "failed")  # a run in any other status is still going
 
 
 def load_rater(spec: str):
@@ -83,7 +84,7 @@ class Api:
             time.sleep(2)
             runs = self.http.get("/admin/runs", params={"persona": persona, "limit": 1}, headers=self.admin)
             run = (runs.json()["runs"] or [None])[0]
-            if run and str(run["started_at"]) >= asked and run["status"] != "running":
+            if run and str(run["started_at"]) >= asked and run["status"] in FINISHED:
                 return run
         raise UserError(f"the retrain of {persona} did not finish in {timeout:.0f} s")
 
@@ -92,16 +93,26 @@ class Api:
         return int(reply["model"].split("@v")[1])
 
 
-def preference_rate(api: Api, rater, persona: str, original: int, prompts: list[str], max_tokens: int) -> float:
+def _text(reply: dict) -> str:
+    return reply["choices"][0]["message"]["content"]
+
+
+def preference_rate(api: Api, rater, persona: str, original: int, prompts: list[str], max_tokens: int,
+                    workers: int = 8) -> float:
     """How often the rater prefers the active version's greedy answer to the original's."""
-    score = 0.0
-    for i, prompt in enumerate(prompts):
-        new = api.ask(persona, prompt, max_tokens, 0.0)["choices"][0]["message"]["content"]
-        old = api.ask(f"{persona}@v{original}", prompt, max_tokens, 0.0)["choices"][0]["message"]["content"]
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item):
+        i, prompt = item
+        new = _text(api.ask(persona, prompt, max_tokens, 0.0))
+        old = _text(api.ask(f"{persona}@v{original}", prompt, max_tokens, 0.0))
         a_is_new = i % 2 == 0  # alternate positions: the rater sees no fixed order
         verdict = rater(prompt, new, old) if a_is_new else rater(prompt, old, new)
-        score += 0.5 if verdict == "tie" else float((verdict == "a") == a_is_new)
-    return score / max(len(prompts), 1)
+        return 0.5 if verdict == "tie" else float((verdict == "a") == a_is_new)
+
+    with ThreadPoolExecutor(workers) as pool:
+        scores = list(pool.map(one, enumerate(prompts)))
+    return sum(scores) / max(len(scores), 1)
 
 
 def main(args) -> None:
@@ -116,26 +127,33 @@ def main(args) -> None:
     original = api.active_version(args.persona)
     table = Table("round", "comparisons", "a / b / tie", "run", "status", "served", "reward acc.",
                   "preferred over original", title=f"{args.persona}: rater {args.rater}")
-    start_rate = preference_rate(api, rater, args.persona, original, heldout, args.max_tokens)
+    start_rate = preference_rate(api, rater, args.persona, original, heldout, args.max_tokens, args.workers)
     table.add_row("0", "-", "-", "-", "-", f"v{original}", "-", f"{start_rate:.0%}")
     started = time.monotonic()
     for round_no in range(1, args.rounds + 1):
         counts = {"a": 0, "b": 0, "tie": 0}
-        with Progress(console=console, transient=True) as progress:
+        jobs = [(rng.choice(prompts), rng.randrange(1 << 30), rng.randrange(1 << 30), rng.choice("ab"))
+                for _ in range(args.pairs_per_round)]
+
+        def rate_one(job):
+            prompt, seed_one, seed_two, left = job
+            one = api.ask(args.persona, prompt, args.max_tokens, args.temperature, seed_one)
+            two = api.ask(args.persona, prompt, args.max_tokens, args.temperature, seed_two)
+            shown = (one, two) if left == "a" else (two, one)
+            verdict = rater(prompt, *(_text(s) for s in shown))
+            choice = verdict if verdict == "tie" or left == "a" else ("b" if verdict == "a" else "a")
+            api.compare(one["id"], two["id"], choice, left)
+            return verdict
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with Progress(console=console, transient=True) as progress, ThreadPoolExecutor(args.workers) as pool:
             task = progress.add_task(f"round {round_no}: asking and rating", total=args.pairs_per_round)
-            for _ in range(args.pairs_per_round):
-                prompt = rng.choice(prompts)
-                one = api.ask(args.persona, prompt, args.max_tokens, args.temperature, rng.randrange(1 << 30))
-                two = api.ask(args.persona, prompt, args.max_tokens, args.temperature, rng.randrange(1 << 30))
-                left = rng.choice("ab")
-                shown = (one, two) if left == "a" else (two, one)
-                verdict = rater(prompt, *(s["choices"][0]["message"]["content"] for s in shown))
-                choice = verdict if verdict == "tie" or left == "a" else ("b" if verdict == "a" else "a")
+            for verdict in pool.map(rate_one, jobs):
                 counts[verdict] += 1
-                api.compare(one["id"], two["id"], choice, left)
                 progress.advance(task)
         run = api.retrain(args.persona, args.timeout)
-        rate = preference_rate(api, rater, args.persona, original, heldout, args.max_tokens)
+        rate = preference_rate(api, rater, args.persona, original, heldout, args.max_tokens, args.workers)
         served = api.active_version(args.persona)
         accuracy = run.get("reward_accuracy")
         table.add_row(str(round_no), str(args.pairs_per_round), f"{counts['a']} / {counts['b']} / {counts['tie']}",
@@ -156,6 +174,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=8, help="concurrent requests (the engine batches them)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds a retrain may take")
     p.add_argument("--gateway", default="http://127.0.0.1:7860")
     p.set_defaults(func=main)
