@@ -85,6 +85,7 @@ def up(args) -> None:
     from serve.gateway.engines import EnginePool
     from train import base_model
 
+    _check_port_free(args.host, args.port)
     catalog = load_catalog()
     if not catalog.active_targets():
         raise UserError("no persona has an adapter yet: run `persona setup` first")
@@ -132,6 +133,19 @@ def up(args) -> None:
         app = create_gateway_app(gateway, ui_users=settings.get("PERSONA_UI_USERS"))
         err.print(f"browser UI on http://{args.host}:{args.port}/")
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before starting an engine, not after, when the gateway's port is taken."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot serve on {host}:{port}: {exc.strerror} (is another `persona up` running? "
+                            "pick another --port)") from None
 
 
 def _exit_on_sigterm(signum, frame):

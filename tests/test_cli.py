@@ -185,3 +185,14 @@ def test_bench_feedback_finds_every_acknowledged_vote(tiny_model_dir, teto_on_ti
     build = rows[2:]
     assert [c.strip() for c in build[0].strip("│").split("│")][:3] == ["200", "180", "20"]
     assert [c.strip() for c in build[1].strip("│").split("│")][:3] == ["2,000", "1,800", "200"]
+
+
+def test_up_on_a_taken_port_says_so_before_starting_anything():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = persona("up", "--port", str(port))
+    assert_one_line_error(result, f"127.0.0.1:{port}", "another `persona up`")

@@ -122,3 +122,58 @@ def test_hot_swap_under_streaming_load(tiny_model_dir, tmp_path):
         assert all(status == 200 and last == "data: [DONE]" for status, last, _, _ in results)
         assert first_v2 and min(first_v2) - promoted < 2.0
         assert all(v2 for _, _, v2, began in results if began > promoted + 2.0)   # after the swap, only v2
+
+
+def test_scheduler_starts_a_run_when_enough_new_pairs(tmp_path, monkeypatch):
+    """The scheduler counts new pairs since the persona's last run, respects the interval,
+    and runs one retrain per persona at a time."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from feedback.store import Store, Turn
+    from feedback.votes import record_vote
+    from serve.gateway.catalog import Catalog, PersonaInfo
+    from serve.gateway.core import GatewayError
+    from serve.gateway.scheduler import ScheduleConfig, Scheduler
+
+    store = Store.open(tmp_path / "f.duckdb")
+    for i in range(6):  # 3 contexts x (up, down) = 3 pairs
+        store.add_turn(Turn(id=f"t{i}", requested_model="teto", messages=[{"role": "user", "content": f"q{i // 2}"}],
+                            answers=[f"answer {i}"], finish_reasons=["stop"], sampling={}, stream=False,
+                            latency_ms=1, client="c", persona="teto", adapter="teto-v1", adapter_version=1))
+        record_vote(store, f"t{i}", "up" if i % 2 else "down", "c")
+    gateway = SimpleNamespace(store=store, catalog=Catalog({"teto": PersonaInfo("teto", "x", active=1,
+                                                                                versions={1: "/a"})}))
+    launched = []
+
+    class FakeRun:
+        def __init__(self):
+            self.done = None
+
+        def poll(self):
+            return self.done
+
+    scheduler = Scheduler(gateway, ScheduleConfig(min_new_pairs=3, interval=0, log_dir=tmp_path))
+    monkeypatch.setattr(scheduler, "launch", lambda persona, force=False: (
+        launched.append(persona), scheduler.running.__setitem__(persona, FakeRun()),
+        scheduler.last_start.__setitem__(persona, time.monotonic())))
+    assert scheduler.new_pairs("teto") == 3
+    assert asyncio.run(scheduler.tick()) == ["teto"]
+    assert asyncio.run(scheduler.tick()) == []              # one run per persona at a time
+    scheduler.running["teto"].done = 0
+    store.record_run({"id": "r1", "persona": "teto", "kind": "dpo", "status": "promoted", "started_at": "2026-01-01",
+                      "train_examples": 3, "heldout_examples": 0})
+    assert scheduler.new_pairs("teto") == 0 and asyncio.run(scheduler.tick()) == []  # nothing new since r1
+    scheduler.config.interval = 3600
+    store.record_run({"id": "r1", "persona": "teto", "kind": "dpo", "status": "promoted", "started_at": "2026-01-01",
+                      "train_examples": 0, "heldout_examples": 0})
+    assert asyncio.run(scheduler.tick()) == []              # enough pairs, but inside the interval
+    real = Scheduler(gateway, ScheduleConfig(log_dir=tmp_path))
+    real.running["teto"] = FakeRun()
+    with pytest.raises(GatewayError) as busy:
+        real.launch("teto")
+    assert busy.value.status == 409
+    with pytest.raises(GatewayError) as unknown:
+        real.launch("nobody")
+    assert unknown.value.status == 404
+    store.close()
