@@ -18,7 +18,7 @@ from pathlib import Path
 
 from feedback import settings
 from feedback.errors import UserError
-from feedback.store import SNAPSHOT_TABLES
+from feedback.store import SNAPSHOT_TABLES, Reads
 
 KEEP = 5  # snapshots kept on disk; older ones are removed when a new one is written
 
@@ -43,7 +43,7 @@ def prune(keep: int = KEEP) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-class Snapshot:
+class Snapshot(Reads):
     """Read-only tables of one snapshot folder (or of a store file no process holds)."""
 
     def __init__(self, con, source: str):
@@ -84,16 +84,6 @@ class Snapshot:
         except duckdb.IOException as exc:
             raise SnapshotError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
         return cls(con, str(path))
-
-    def query(self, sql: str, params: list | None = None) -> list[tuple]:
-        with self._lock:
-            return self._con.execute(sql, params or []).fetchall()
-
-    def query_dicts(self, sql: str, params: list | None = None) -> list[dict]:
-        with self._lock:
-            cur = self._con.execute(sql, params or [])
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
 
     def execute(self, sql: str, params: list | None = None) -> list[tuple]:
         """Statements on the in-memory side (temporary tables of the pair builder)."""

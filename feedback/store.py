@@ -67,7 +67,26 @@ def default_path() -> Path:
     return settings.home() / DB_NAME
 
 
-class Store:
+class Reads:
+    """Parameterised reads on a DuckDB connection shared behind a lock (the live store and
+    snapshots both have them)."""
+
+    _con = None
+    _lock: threading.Lock
+
+    def query(self, sql: str, params: list | None = None) -> list[tuple]:
+        """Run a read query (parameterised) and return all rows."""
+        with self._lock:
+            return self._con.execute(sql, params or []).fetchall()
+
+    def query_dicts(self, sql: str, params: list | None = None) -> list[dict]:
+        with self._lock:
+            cur = self._con.execute(sql, params or [])
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+class Store(Reads):
     def __init__(self, con, path: str):
         self._con = con
         self._lock = threading.Lock()
@@ -145,17 +164,6 @@ class Store:
         for key in _JSON_FIELDS:
             data[key] = json.loads(data[key])
         return Turn(**data)
-
-    def query(self, sql: str, params: list | None = None) -> list[tuple]:
-        """Run a read query (parameterised) and return all rows."""
-        with self._lock:
-            return self._con.execute(sql, params or []).fetchall()
-
-    def query_dicts(self, sql: str, params: list | None = None) -> list[dict]:
-        with self._lock:
-            cur = self._con.execute(sql, params or [])
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
 
     def execute(self, sql: str, params: list | None = None) -> list[tuple]:
         """Run one parameterised write; it is committed when this returns."""
