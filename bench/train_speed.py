@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-console = Console(width=140)
+console = Console(width=170)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,7 +176,7 @@ def main(args: argparse.Namespace) -> None:
         table.add_row(label, str(r["bf16"]), str(r["checkpointing"]), str(r["precompute"]), f"{r['step']:.2f}",
                       f"{ours / r['step']:.2f}x", f"{r['step'] / plain['step']:.2f}x",
                       f"{plain['flops'] / r['step'] / 1e9:.1f}")
-    table.add_row("plain forward + backward (no DPO)", "-", "-", "-", f"{plain['step']:.2f}",
+    table.add_row("plain fwd+bwd (no DPO)", "-", "-", "-", f"{plain['step']:.2f}",
                   f"{ours / plain['step']:.2f}x", "1.00x", f"{plain['flops'] / plain['step'] / 1e9:.1f}")
     console.print(table)
     console.print(f"reference log-probs, precomputed once before training: {results[0][1]['prepare']:.1f} s "
