@@ -135,11 +135,12 @@ def query(kind: str, persona: str | None = None, rules: PairRules = PairRules())
     return _queries(persona, rules)[kind], ({"persona": persona} if persona else {})
 
 
-def build(db, persona: str | None = None, rules: PairRules = PairRules()) -> dict[str, int]:
+def build(db, persona: str | None = None, rules: PairRules = PairRules(),
+          kinds: tuple[str, ...] = KINDS) -> dict[str, int]:
     """Materialise the preference data as temporary tables ``pref_dpo``, ``pref_kto`` and
-    ``pref_sft`` on ``db`` (its own connection); returns the row count of each."""
+    ``pref_sft`` (or only ``kinds`` of them) on ``db``; returns the row count of each."""
     counts = {}
-    for kind in KINDS:
+    for kind in kinds:
         sql, params = query(kind, persona, rules)
         db.execute(f"CREATE OR REPLACE TEMP TABLE pref_{kind} AS {sql}", params)
         counts[kind] = db.query(f"SELECT count(*) FROM pref_{kind}")[0][0]

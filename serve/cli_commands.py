@@ -105,20 +105,14 @@ def adapters_candidate(args) -> None:
 
 def reload_gateway(url: str) -> None:
     """Ask a running gateway to re-read the registry (hot swap); fine when none runs."""
-    import httpx
+    from train.loop import GatewayClient
 
-    keys = settings.get("PERSONA_ADMIN_KEY")
-    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
-    try:
-        r = httpx.post(url.rstrip("/") + "/admin/reload", headers=headers, timeout=600)
-    except httpx.ConnectError:
+    client = GatewayClient.reachable(url)
+    if client is None:
         console.print(f"no gateway at {url}: the change applies when `persona up` starts")
         return
-    except httpx.HTTPError as exc:
-        raise UserError(f"the gateway at {url} did not finish the reload ({type(exc).__name__})") from None
-    if r.status_code != 200:
-        raise UserError(f"the gateway at {url} refused the reload ({r.status_code}): {r.text[:200]}")
-    console.print(f"the gateway at {url} now serves: {', '.join(f'{k}={v}' for k, v in r.json()['active'].items())}")
+    active = client.reload()
+    console.print(f"the gateway at {url} now serves: {', '.join(f'{k}={v}' for k, v in active.items())}")
 
 
 def chat(args) -> None:

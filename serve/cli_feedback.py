@@ -16,7 +16,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from feedback import settings
 from feedback.errors import UserError
 
 out = Console()
@@ -59,28 +58,15 @@ def open_data(args):
         return Store.open(path)
     except StoreError:
         pass  # held by the gateway: ask it for a snapshot
-    import httpx
+    from train.loop import GatewayClient
 
-    keys = settings.get("PERSONA_ADMIN_KEY")
-    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
-    try:
-        r = httpx.post(args.gateway.rstrip("/") + "/admin/snapshot", headers=headers, timeout=120)
-    except httpx.HTTPError as exc:
-        raise UserError(f"{path} is held by another process and the gateway at {args.gateway} did not answer "
-                        f"({type(exc).__name__}); pass --gateway URL or --snapshot FOLDER") from None
-    if r.status_code != 200:
-        raise UserError(f"the gateway at {args.gateway} refused a snapshot ({r.status_code}): "
-                        f"{_error_message(r)} (set PERSONA_ADMIN_KEY)")
-    folder = r.json()["path"]
+    client = GatewayClient.reachable(args.gateway)
+    if client is None:
+        raise UserError(f"{path} is held by another process and no gateway answers at {args.gateway}; "
+                        "pass --gateway URL or --snapshot FOLDER")
+    folder = client.snapshot()
     err.print(f"reading the snapshot the gateway wrote: {folder}")
     return Snapshot.open(folder)
-
-
-def _error_message(response) -> str:
-    try:
-        return response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return response.text[:200]
 
 
 def _pct(rate) -> str:

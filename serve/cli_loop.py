@@ -9,11 +9,8 @@ it runs in this process.
 
 from __future__ import annotations
 
-import time
-
 from rich.console import Console
 
-from feedback.errors import UserError
 
 console = Console(stderr=True)
 
@@ -31,24 +28,15 @@ def add_arguments(p) -> None:
 
 def retrain(args) -> int:
     from train.loop import GatewayClient, retrain as run_here
-    from train.simulate import FINISHED
 
     client = None if args.here else GatewayClient.reachable(args.gateway)
     if client is None:
         run = run_here(args.persona, None if not args.here else args.gateway, args.force, args.recipe)
-        return 0 if run["status"] in ("promoted", "skipped", "rejected") else 1
-    asked = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    started = client._post("/admin/retrain", {"persona": args.persona, "force": args.force})
-    console.print(f"the gateway started a retrain of {args.persona} (log: {started['log']})")
-    if not args.wait:
-        return 0
-    deadline = time.monotonic() + args.timeout
-    while True:
-        time.sleep(2)
-        runs = client.http.get("/admin/runs", params={"persona": args.persona, "limit": 1}).json()["runs"]
-        if runs and str(runs[0]["started_at"]) >= asked and runs[0]["status"] in FINISHED:
-            run = runs[0]
-            console.print(f"run {run['id']}: {run['status']} ({run.get('message')})")
-            return 0 if run["status"] in ("promoted", "skipped", "rejected") else 1
-        if time.monotonic() > deadline:
-            raise UserError(f"no finished run of {args.persona} after {args.timeout:.0f} s; see {started['log']}")
+    else:
+        started = client.retrain(args.persona, args.force)
+        console.print(f"the gateway started a retrain of {args.persona} (log: {started['log']})")
+        if not args.wait:
+            return 0
+        run = client.wait_for_run(args.persona, started["asked"], args.timeout)
+        console.print(f"run {run['id']}: {run['status']} ({run.get('message')})")
+    return 0 if run["status"] in ("promoted", "skipped", "rejected") else 1

@@ -29,16 +29,31 @@ from train import registry
 console = Console(stderr=True)
 
 
+FINISHED = ("promoted", "rejected", "skipped", "failed")  # a run in any other status is still going
+
+
+def bearer(name: str) -> dict:
+    """The Authorization header for the first key in a key variable, or none."""
+    keys = settings.get(name)
+    return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+
+
+def error_message(response) -> str:
+    """The message of an error response in OpenAI's shape (or the start of its text)."""
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:300]
+
+
 class GatewayClient:
-    """The admin routes the loop uses."""
+    """The gateway's admin routes, for every command that talks to a running gateway."""
 
     def __init__(self, url: str):
         import httpx
 
-        keys = settings.get("PERSONA_ADMIN_KEY")
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=600,
-                                 headers={"Authorization": f"Bearer {keys[0]}"} if keys else {})
+        self.http = httpx.Client(base_url=self.url, timeout=600, headers=bearer("PERSONA_ADMIN_KEY"))
 
     @classmethod
     def reachable(cls, url: str | None) -> "GatewayClient | None":
@@ -53,13 +68,15 @@ class GatewayClient:
         return cls(url)
 
     def _post(self, path: str, body: dict | None = None) -> dict:
-        r = self.http.post(path, json=body or {})
+        import httpx
+
+        try:
+            r = self.http.post(path, json=body or {})
+        except httpx.HTTPError as exc:
+            raise UserError(f"the gateway at {self.url} did not answer {path} ({type(exc).__name__})") from None
         if r.status_code != 200:
-            try:
-                message = r.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = r.text[:300]
-            raise UserError(f"the gateway refused {path} ({r.status_code}): {message}")
+            hint = " (check PERSONA_ADMIN_KEY)" if r.status_code in (401, 403) else ""
+            raise UserError(f"the gateway at {self.url} refused {path} ({r.status_code}): {error_message(r)}{hint}")
         return r.json()
 
     def snapshot(self) -> str:
@@ -70,6 +87,22 @@ class GatewayClient:
 
     def reload(self) -> dict:
         return self._post("/admin/reload")["active"]
+
+    def retrain(self, persona: str, force: bool) -> dict:
+        """Ask the gateway's scheduler to start a run now; returns when it started (UTC text,
+        comparable with the runs' ``started_at``) and its log."""
+        asked = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        return {**self._post("/admin/retrain", {"persona": persona, "force": force}), "asked": asked}
+
+    def wait_for_run(self, persona: str, since: str, timeout: float) -> dict:
+        """The persona's newest run started at or after ``since``, once it has finished."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            runs = self.http.get("/admin/runs", params={"persona": persona, "limit": 1}).json()["runs"]
+            if runs and str(runs[0]["started_at"]) >= since and runs[0]["status"] in FINISHED:
+                return runs[0]
+        raise UserError(f"no finished run of {persona} after {timeout:.0f} s")
 
 
 def _now() -> str:
@@ -103,7 +136,8 @@ def retrain(persona: str, gateway: str | None = None, force: bool = False, recip
            "started_at": _now()}
     try:
         counts = pairs.build(db, persona, pairs.PairRules(voter_cap=recipe.voter_cap,
-                                                          heldout_percent=recipe.heldout_percent))
+                                                          heldout_percent=recipe.heldout_percent),
+                             kinds=("dpo", "kto"))
         kind = choose_kind(recipe.method, counts, recipe.min_pairs)
         data = run_dir / f"{kind}.parquet"
         db.execute(f"COPY pref_{kind} TO '{str(data).replace(chr(39), chr(39) * 2)}' (FORMAT parquet)")

@@ -20,11 +20,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from feedback import settings
 from feedback.errors import UserError
+from train.loop import GatewayClient, bearer
 
 console = Console()
-FINISHED = ("promoted", "rejected", "skipped", "failed")  # a run in any other status is still going
 
 
 def load_rater(spec: str):
@@ -55,10 +54,9 @@ class Api:
     def __init__(self, url: str):
         import httpx
 
-        api_keys, admin_keys = settings.get("PERSONA_API_KEY"), settings.get("PERSONA_ADMIN_KEY")
         self.http = httpx.Client(base_url=url.rstrip("/"), timeout=600)
-        self.api = {"Authorization": f"Bearer {api_keys[0]}"} if api_keys else {}
-        self.admin = {"Authorization": f"Bearer {admin_keys[0]}"} if admin_keys else {}
+        self.api = bearer("PERSONA_API_KEY")
+        self.admin = GatewayClient(url)
 
     def ask(self, model: str, prompt: str, max_tokens: int, temperature: float, seed: int | None = None) -> dict:
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
@@ -75,18 +73,8 @@ class Api:
             raise UserError(f"the gateway refused a comparison ({r.status_code}): {r.text[:200]}")
 
     def retrain(self, persona: str, timeout: float) -> dict:
-        asked = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-        r = self.http.post("/admin/retrain", json={"persona": persona, "force": True}, headers=self.admin)
-        if r.status_code != 200:
-            raise UserError(f"the gateway refused the retrain ({r.status_code}): {r.text[:200]}")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            time.sleep(2)
-            runs = self.http.get("/admin/runs", params={"persona": persona, "limit": 1}, headers=self.admin)
-            run = (runs.json()["runs"] or [None])[0]
-            if run and str(run["started_at"]) >= asked and run["status"] in FINISHED:
-                return run
-        raise UserError(f"the retrain of {persona} did not finish in {timeout:.0f} s")
+        started = self.admin.retrain(persona, force=True)
+        return self.admin.wait_for_run(persona, started["asked"], timeout)
 
     def active_version(self, persona: str) -> int:
         reply = self.ask(persona, "hi", 1, 0.0)

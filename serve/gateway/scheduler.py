@@ -80,7 +80,7 @@ class Scheduler:
     def new_pairs(self, persona: str) -> int:
         """DPO pairs now, less those the persona's last finished run had."""
         store = self.gateway.store
-        now = pairs.build(store, persona)["dpo"]
+        now = pairs.build(store, persona, kinds=("dpo",))["dpo"]
         used = store.query("SELECT coalesce(train_examples, 0) + coalesce(heldout_examples, 0) FROM training_runs "
                            "WHERE persona = ? AND kind = 'dpo' AND status IN ('promoted', 'rejected', 'failed') "
                            "ORDER BY started_at DESC LIMIT 1", [persona])
