@@ -71,6 +71,35 @@ def test_dpo_run_continues_the_active_adapter(tiny_persona, tiny_model_dir, tmp_
     assert on_disk["reward_accuracy"] == metrics["reward_accuracy"] and on_disk["log_history"]
 
 
+def kto_file(path, n_train=16, n_heldout=8):
+    """Unpaired thumbs: the short answer is desirable, the long one undesirable."""
+    import duckdb
+
+    rows = [{"prompt": [{"role": "system", "content": "Be short."}, {"role": "user", "content": f"q{i}"}],
+             "completion": [{"role": "assistant", "content": SHORT if i % 2 == 0 else LONG}],
+             "label": i % 2 == 0, "split": "heldout" if i >= n_train else "train"}
+            for i in range(n_train + n_heldout)]
+    src = path.with_suffix(".jsonl")
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    duckdb.sql(f"COPY (SELECT * FROM read_json_auto('{src}')) TO '{path}' (FORMAT parquet)")
+    return path
+
+
+def test_kto_run_learns_unpaired_thumbs(tiny_persona, tiny_model_dir, tmp_path):
+    from train import dpo, registry
+
+    recipe = DPORecipe(epochs=3, learning_rate=5e-3, batch_size=4, logging_steps=1, sanity_max_tokens=8)
+    version, metrics = dpo.run(tiny_persona, kto_file(tmp_path / "kto.parquet"), recipe, str(tiny_model_dir))
+    assert version.meta["kind"] == metrics["kind"] == "kto" and registry.active("tiny").version == 1
+    assert (metrics["train_examples"], metrics["heldout_examples"]) == (16, 8)
+    # Held-out completions: the desirable (short) ones gained, the undesirable (long) ones lost.
+    assert metrics["rewards_desirable"] > metrics["rewards_undesirable"]
+    assert metrics["reward_accuracy"] > 0.5 and metrics["reward_margin"] > 0
+    assert "sft_nll_active" in metrics and len(metrics["sanity_answers"]) == len(dpo.SANITY_PROMPTS)
+    with pytest.raises(Exception, match="asks for dpo but the data holds kto"):
+        dpo.run(tiny_persona, tmp_path / "kto.parquet", DPORecipe(method="dpo"), str(tiny_model_dir))
+
+
 def test_dpo_run_refuses_too_little_data(tiny_persona, tiny_model_dir, tmp_path):
     from train import dpo
     from train.config import ConfigError

@@ -218,10 +218,13 @@ def run(persona: Persona, data: str | Path, recipe: DPORecipe, base: str) -> tup
         if heldout_rows:
             from datasets import Dataset
 
-            evaluated = trainer.evaluate(Dataset.from_list(heldout_rows))
-            metrics["reward_accuracy"] = evaluated.get("eval_rewards/accuracies")
-            metrics["reward_margin"] = evaluated.get("eval_rewards/margins")
-            metrics["heldout_loss"] = evaluated.get("eval_loss")
+            if kind == "dpo":
+                evaluated = trainer.evaluate(Dataset.from_list(heldout_rows))
+                metrics["reward_accuracy"] = evaluated.get("eval_rewards/accuracies")
+                metrics["reward_margin"] = evaluated.get("eval_rewards/margins")
+                metrics["heldout_loss"] = evaluated.get("eval_loss")
+            else:
+                metrics.update(kto_heldout(model, tokenizer, heldout_rows, recipe.beta))
         metrics.update(sft_losses(model, tokenizer, persona))
         metrics["sanity_answers"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens)
         metrics["sanity_answers_active"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens, "ref")
@@ -245,6 +248,41 @@ def _train_metrics(history: list[dict]) -> dict:
     done = next((h for h in history if "train_loss" in h), {})
     return {"train_loss": done.get("train_loss"), "train_steps": done.get("step"),
             "train_reward_accuracy": last.get("rewards/accuracies"), "train_reward_margin": last.get("rewards/margins")}
+
+
+def kto_heldout(model, tokenizer, rows: list[dict], beta: float) -> dict:
+    """Held-out KTO examples scored like DPO's: the implicit reward of a completion is
+    ``beta * (log p_candidate - log p_active)``; it is right when its sign matches the
+    label. The margin is the mean reward of desirable completions less that of the
+    undesirable ones (0 for the active adapter against itself)."""
+    import torch
+
+    from train.chat_tokens import assistant_spans
+
+    rewards, labels = [], []
+    model.eval()
+    for row in rows:
+        text, spans = assistant_spans(tokenizer, list(row["prompt"]) + list(row["completion"]))
+        start, end = spans[-1]
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, return_tensors="pt")
+        offsets = enc.pop("offset_mapping")[0]
+        mask = ((offsets[:, 0] >= start) & (offsets[:, 1] <= end) & (offsets[:, 1] > offsets[:, 0]))
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                  "completion_mask": mask.long().unsqueeze(0)}
+        logps = []
+        for adapter in ("default", "ref"):
+            model.set_adapter(adapter)
+            with torch.no_grad():
+                logps.append(completion_logps(model, inputs).item())
+        rewards.append(beta * (logps[0] - logps[1]))
+        labels.append(bool(row["label"]))
+    model.set_adapter("default")
+    good = [r for r, y in zip(rewards, labels) if y]
+    bad = [r for r, y in zip(rewards, labels) if not y]
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    return {"reward_accuracy": sum((r > 0) == y for r, y in zip(rewards, labels)) / len(rewards),
+            "reward_margin": mean(good) - mean(bad), "rewards_desirable": mean(good),
+            "rewards_undesirable": mean(bad)}
 
 
 def sft_losses(model, tokenizer, persona: Persona) -> dict:
