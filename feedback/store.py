@@ -16,6 +16,7 @@ serialises writes anyway, and a write is committed before the call returns
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -111,6 +112,10 @@ class Store(Reads):
 
     def close(self) -> None:
         with self._lock:
+            try:
+                self._con.execute("CHECKPOINT")  # everything into the main file: the WAL is empty
+            except Exception as exc:  # noqa: BLE001 - closing must not fail; DuckDB replays the WAL
+                logging.getLogger(__name__).warning("checkpoint on close failed: %s", exc)
             self._con.close()
 
     # ---- schema -------------------------------------------------------------------------

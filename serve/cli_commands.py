@@ -146,7 +146,7 @@ def engine(args) -> None:
     from train import base_model, registry
 
     engine = EmbeddedEngine(base_model.resolve(), max_model_len=args.max_model_len, max_batch=args.max_batch,
-                            dtype=args.dtype)
+                            dtype=args.dtype, max_lora_rank=args.max_lora_rank)
 
     async def load_active_adapters():
         for adapter in [] if args.no_adapters else registry.active_adapters():

@@ -58,6 +58,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--retrain-interval", type=float, default=3600,
                         help="seconds between two scheduled retrains of one persona, at least")
     parser.add_argument("--no-scheduler", action="store_true", help="no scheduled retraining")
+    parser.add_argument("--max-in-flight", type=int, default=64,
+                        help="chat requests served at once; more get 429 with Retry-After at once")
+    parser.add_argument("--drain-seconds", type=float, default=30.0,
+                        help="on SIGTERM, how long running requests may take to finish (new ones get 503)")
     parser.add_argument("--retrain-recipe", default="dpo", help="preference recipe of the runs (name or YAML file)")
     parser.add_argument("--vllm-arg", action="append", default=[],
                         help="extra argument for the vLLM server (repeatable), e.g. --vllm-arg=--dtype=bfloat16")
@@ -115,9 +119,12 @@ def up(args) -> None:
             urls = [stack.enter_context(persona_process(engine_args(port, args.max_model_len), port, log,
                                                         env={"PERSONA_ENGINE_API_KEY": key}))]
         pool = EnginePool(urls, api_key=key)
+        for url in urls:  # an engine this command started is started again if it dies
+            if hasattr(url, "supervisor"):
+                pool.restart[url] = url.supervisor.restart_if_dead
         gateway = Gateway(load_catalog, pool, store, GatewayConfig(
             api_keys=settings.get("PERSONA_API_KEY"), admin_keys=settings.get("PERSONA_ADMIN_KEY"),
-            vote_batch=max(1, args.vote_batch)))
+            vote_batch=max(1, args.vote_batch), max_in_flight=max(1, args.max_in_flight)))
         err.print(f"gateway on http://{args.host}:{args.port}/v1 (personas: "
                   f"{', '.join(t.model_id for t in catalog.active_targets())}); database {store.path}")
         # uvicorn re-raises the SIGTERM it handled once it has shut down; as an exception
@@ -132,7 +139,11 @@ def up(args) -> None:
             recipe=args.retrain_recipe))
         app = create_gateway_app(gateway, ui_users=settings.get("PERSONA_UI_USERS"))
         err.print(f"browser UI on http://{args.host}:{args.port}/")
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        from serve.gateway.drain import DrainingServer
+
+        gateway.config.shutdown_timeout = args.drain_seconds
+        DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"), gateway,
+                       args.drain_seconds).run()
 
 
 def _check_port_free(host: str, port: int) -> None:

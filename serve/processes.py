@@ -60,10 +60,48 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float, log: Path | None 
     raise RuntimeError(f"{url} was not healthy after {timeout:.0f} s" + (f" (log: {log})" if log else ""))
 
 
-class Child(str):
-    """A child server's loopback URL (a ``str``) that also knows the process's id."""
+class Supervised:
+    """``persona ARGS`` as a child process that can be started again when it dies."""
 
-    pid: int
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.args, self.log, self.env = args, log, {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+
+    def start(self) -> subprocess.Popen:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "serve.cli", *self.args], env=self.env,
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        return self.proc
+
+    def restart_if_dead(self) -> bool:
+        """Start the process again if it has exited; True when it did."""
+        if self.proc is None or self.proc.poll() is None:
+            return False
+        self.restarts += 1
+        self.start()
+        return True
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Child(str):
+    """A child server's loopback URL (a ``str``) that also knows its process."""
+
+    supervisor: Supervised
+
+    @property
+    def pid(self) -> int:
+        return self.supervisor.proc.pid
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the process has used so far (Linux)."""
@@ -73,21 +111,14 @@ class Child(str):
 
 @contextlib.contextmanager
 def persona_process(args: list[str], port: int, log: Path, env: dict | None = None, timeout: float = 300):
-    """Run ``persona ARGS`` as a child process; yield its loopback URL (a ``Child``) once
-    /health answers."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    environment = {**os.environ, **(env or {})}
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serve.cli", *args], env=environment,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            url = Child(f"http://127.0.0.1:{port}")
-            url.pid = proc.pid
-            wait_for(url, proc, timeout, log)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    """Run ``persona ARGS`` as a child process; yield its loopback URL (a ``Child``, whose
+    ``supervisor`` can start it again) once /health answers."""
+    supervisor = Supervised(args, log, env)
+    proc = supervisor.start()
+    try:
+        url = Child(f"http://127.0.0.1:{port}")
+        url.supervisor = supervisor
+        wait_for(url, proc, timeout, log)
+        yield url
+    finally:
+        supervisor.stop()

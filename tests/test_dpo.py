@@ -36,17 +36,22 @@ def tiny_persona(tmp_path, tiny_model_dir, monkeypatch):
     return load_persona("tiny")
 
 
-def pairs_file(path, n_train=16, n_heldout=8):
+def write_parquet(path, rows: list[dict]):
+    """Rows as a Parquet file, the way `persona feedback export` writes them."""
     import duckdb
 
-    rows = [{"prompt": [{"role": "system", "content": "Be short."}, {"role": "user", "content": f"q{i}"}],
-             "chosen": [{"role": "assistant", "content": SHORT}],
-             "rejected": [{"role": "assistant", "content": LONG}],
-             "split": "heldout" if i >= n_train else "train"} for i in range(n_train + n_heldout)]
     src = path.with_suffix(".jsonl")
     src.write_text("\n".join(json.dumps(r) for r in rows))
     duckdb.sql(f"COPY (SELECT * FROM read_json_auto('{src}')) TO '{path}' (FORMAT parquet)")
     return path
+
+
+def pairs_file(path, n_train=16, n_heldout=8):
+    rows = [{"prompt": [{"role": "system", "content": "Be short."}, {"role": "user", "content": f"q{i}"}],
+             "chosen": [{"role": "assistant", "content": SHORT}],
+             "rejected": [{"role": "assistant", "content": LONG}],
+             "split": "heldout" if i >= n_train else "train"} for i in range(n_train + n_heldout)]
+    return write_parquet(path, rows)
 
 
 def test_dpo_run_continues_the_active_adapter(tiny_persona, tiny_model_dir, tmp_path):
@@ -73,16 +78,11 @@ def test_dpo_run_continues_the_active_adapter(tiny_persona, tiny_model_dir, tmp_
 
 def kto_file(path, n_train=16, n_heldout=8):
     """Unpaired thumbs: the short answer is desirable, the long one undesirable."""
-    import duckdb
-
     rows = [{"prompt": [{"role": "system", "content": "Be short."}, {"role": "user", "content": f"q{i}"}],
              "completion": [{"role": "assistant", "content": SHORT if i % 2 == 0 else LONG}],
              "label": i % 2 == 0, "split": "heldout" if i >= n_train else "train"}
             for i in range(n_train + n_heldout)]
-    src = path.with_suffix(".jsonl")
-    src.write_text("\n".join(json.dumps(r) for r in rows))
-    duckdb.sql(f"COPY (SELECT * FROM read_json_auto('{src}')) TO '{path}' (FORMAT parquet)")
-    return path
+    return write_parquet(path, rows)
 
 
 def test_kto_run_learns_unpaired_thumbs(tiny_persona, tiny_model_dir, tmp_path):

@@ -61,7 +61,7 @@ def test_store_file_is_held_by_one_process(tmp_path):
     again.close()
 
 
-def test_replicas_share_load_and_a_dead_one_is_skipped(tiny_model_dir, tmp_path):
+def test_replicas_share_load_skip_a_dead_one_and_all_get_a_promotion(tiny_model_dir, tmp_path):
     from feedback.store import Store
     from serve.engine.embedded import EmbeddedEngine
     from serve.engine.routes import create_app
@@ -70,6 +70,7 @@ def test_replicas_share_load_and_a_dead_one_is_skipped(tiny_model_dir, tmp_path)
     from serve.gateway.engines import EnginePool
 
     adapter = make_lora(tiny_model_dir, tmp_path / "teto1", 5)
+    newer = make_lora(tiny_model_dir, tmp_path / "teto2", 6)
     servers, urls = [], []
     for _ in range(2):
         url, server = serve_in_thread(create_app(EmbeddedEngine(str(tiny_model_dir), served_name="base")))
@@ -78,9 +79,9 @@ def test_replicas_share_load_and_a_dead_one_is_skipped(tiny_model_dir, tmp_path)
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(TimeoutError, match="no engine became healthy"):
         asyncio.run(EnginePool([dead]).wait_healthy(0.5))
-    cat = Catalog({"teto": PersonaInfo("teto", "sys", active=1, versions={1: adapter})})
+    state = {"catalog": Catalog({"teto": PersonaInfo("teto", "sys", active=1, versions={1: adapter, 2: newer})})}
     store = Store.open(tmp_path / "f.duckdb")
-    gateway = Gateway(lambda: cat, EnginePool(urls + [dead]), store)
+    gateway = Gateway(lambda: state["catalog"], EnginePool(urls + [dead]), store)
     gw_url, gw_server = serve_in_thread(create_gateway_app(gateway))
     try:
         async def burst():
@@ -96,6 +97,15 @@ def test_replicas_share_load_and_a_dead_one_is_skipped(tiny_model_dir, tmp_path)
         assert [e["healthy"] for e in engines] == [True, True, False]
         assert all(e["served"] > 0 for e in engines[:2]), engines
         assert all("teto-v1" in e["adapters"] for e in engines[:2])
+
+        # A promotion reaches every replica: v2 is loaded on both, v1 unloaded from both.
+        state["catalog"] = Catalog({"teto": PersonaInfo("teto", "sys", active=2, versions={1: adapter, 2: newer})})
+        assert httpx.post(gw_url + "/admin/reload", timeout=60).json()["active"] == {"teto": "teto-v2"}
+        for url in urls:
+            served = {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+            assert "teto-v2" in served and "teto-v1" not in served, (url, served)
+        replies = asyncio.run(burst())
+        assert {r.model for r in replies} == {"teto@v2"}
     finally:
         gw_server.should_exit = True
         store.close()

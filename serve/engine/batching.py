@@ -142,7 +142,8 @@ class Batcher:
                 self._step()
             except Exception as exc:  # a bug must not kill the loop: fail the rows, keep serving
                 log.exception("decode step failed")
-                for row in self._rows:
+                failed = self._rows + [r for r in admitted if r not in self._rows]  # admitted: maybe not in yet
+                for row in failed:
                     row.request.emit(Event(row.index, finish_reason="abort", text=f"[engine error: {exc}]"))
                 self._rows, self._state = [], None
 

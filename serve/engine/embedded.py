@@ -31,7 +31,7 @@ class EngineError(Exception):
 
 class EmbeddedEngine:
     def __init__(self, model_path: str, served_name: str | None = None, max_model_len: int = 2048,
-                 max_batch: int = 32, default_max_tokens: int = 256, dtype: str = "auto"):
+                 max_batch: int = 32, default_max_tokens: int = 256, dtype: str = "auto", max_lora_rank: int = 64):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,6 +46,7 @@ class EmbeddedEngine:
         limit = getattr(self.model.config, "max_position_embeddings", max_model_len)
         self.max_model_len = min(max_model_len, limit)
         self.default_max_tokens = default_max_tokens
+        self.max_lora_rank = max_lora_rank
         self.adapters: dict[str, str] = {}  # served name -> path
         self.unloading: set[str] = set()
         eos = self.model.generation_config.eos_token_id
@@ -71,6 +72,9 @@ class EmbeddedEngine:
             raise EngineError(400, f"The lora adapter '{name}' has already been loaded.")
         if not (Path(path) / "adapter_config.json").is_file():
             raise EngineError(404, f"No adapter found for {path}", "NotFoundError", "lora_path")
+        problem = adapter_problem(Path(path), self.max_lora_rank)
+        if problem:
+            raise EngineError(400, f"Loading lora adapter '{name}' failed: {problem}", param="lora_path")
 
         def load():
             from peft import PeftModel
@@ -87,11 +91,24 @@ class EmbeddedEngine:
                 self.model.load_adapter(path, adapter_name=name, autocast_adapter_dtype=False)
             self.model.eval()
 
+        def forget():
+            """Undo a load that failed half way (peft may have added the adapter's config or modules)."""
+            if hasattr(self.model, "peft_config") and name in self.model.peft_config:
+                if len(self.model.peft_config) == 1:
+                    self.model = self.model.unload()
+                    self.batcher.model = self.model
+                else:
+                    self.model.delete_adapter(name)
+                    current = next(a for a in self.model.peft_config)
+                    self.model.set_adapter(current)
+
         try:
             await self.batcher.call(load)
-        except (ValueError, OSError, KeyError, RuntimeError) as exc:
-            raise EngineError(400, f"Loading lora adapter '{name}' failed: {str(exc).splitlines()[0]}",
-                              param="lora_path") from None
+        except Exception as exc:  # noqa: BLE001 - any broken file: refuse it, keep serving
+            await self.batcher.call(forget)
+            lines = [line.strip() for line in str(exc).strip().splitlines()] or [type(exc).__name__]
+            first = next((line for line in lines if "size mismatch" in line), lines[0])[:300]
+            raise EngineError(400, f"Loading lora adapter '{name}' failed: {first}", param="lora_path") from None
         self.adapters[name] = path
         return f"Success: LoRA adapter '{name}' added successfully."
 
@@ -179,3 +196,31 @@ def sse(data) -> str:
 
 
 __all__ = ["EmbeddedEngine", "EngineError", "sse"]
+
+
+def adapter_problem(folder: Path, max_rank: int) -> str | None:
+    """Why an adapter folder cannot be loaded, found before touching the model (or None)."""
+    import json
+
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot read adapter_config.json ({exc})"
+    except json.JSONDecodeError as exc:
+        return f"adapter_config.json is not valid JSON (line {exc.lineno}: {exc.msg})"
+    if not isinstance(config, dict):
+        return "adapter_config.json is not a JSON object"
+    if config.get("peft_type", "LORA") != "LORA":
+        return f"peft_type {config.get('peft_type')!r} is not LORA"
+    if config.get("use_dora"):
+        return "DoRA adapters are not supported"
+    try:
+        ranks = [int(config.get("r", 8))] + [int(r) for r in (config.get("rank_pattern") or {}).values()]
+    except (TypeError, ValueError):
+        return f"rank r={config.get('r')!r} is not a number"
+    if max(ranks) > max_rank:
+        return f"rank {max(ranks)} is above this engine's --max-lora-rank {max_rank}"
+    weights = [folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()]
+    if not weights:
+        return "no adapter_model.safetensors in the folder"
+    return None

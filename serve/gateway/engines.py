@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import httpx
 
@@ -60,6 +61,7 @@ class EnginePool:
         self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout, connect=5.0), limits=limits)
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self.wanted: dict[str, str] = {}  # adapter name -> path, kept loaded on every replica
+        self.restart: dict[str, Callable[[], bool]] = {}  # url -> starts that engine again if it died
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -79,6 +81,10 @@ class EnginePool:
             r.healthy = ok
 
         await asyncio.gather(*(one(r) for r in self.replicas))
+        for r in self.replicas:
+            hook = self.restart.get(r.url)
+            if not r.healthy and hook and await asyncio.to_thread(hook):
+                log.warning("engine %s had exited: started it again", r.url)
         if any(r.healthy for r in self.replicas):
             await self.sync_adapters()
         return self.replicas
@@ -111,18 +117,24 @@ class EnginePool:
 
     async def ensure_loaded(self, name: str, path: str) -> None:
         """Load an adapter on every healthy replica that does not have it yet."""
-        self.wanted[name] = path
         lock = self._adapter_locks.setdefault(name, asyncio.Lock())
         async with lock:
+            done = []
             for r in self.replicas:
                 if not r.healthy or name in r.loaded:
                     continue
                 resp = await self._post(r, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
                 if resp.status_code == 200 or (resp.status_code == 400 and "already" in resp.text):
                     r.loaded.add(name)
+                    done.append(r)
                     log.info("adapter %s loaded on %s", name, r.url)
-                else:
-                    raise parse_error(resp.status_code, resp.content)
+                    continue
+                # Refused: take it off the replicas that took it, so all of them stay alike.
+                for other in done:
+                    await self._post(other, "/v1/unload_lora_adapter", {"lora_name": name})
+                    other.loaded.discard(name)
+                raise parse_error(resp.status_code, resp.content)
+            self.wanted[name] = path
 
     async def unload(self, name: str) -> None:
         self.wanted.pop(name, None)

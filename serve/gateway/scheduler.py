@@ -64,7 +64,25 @@ class Scheduler:
         proc = self.running.get(persona)
         return proc is not None and proc.poll() is None
 
+    def reap(self) -> None:
+        """A run process that died (crash, kill) cannot record its own end: record it failed."""
+        from train.loop import FINISHED, INTERRUPTED
+
+        for persona, proc in list(self.running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.running[persona]
+            if code != 0:
+                log.warning("the retrain of %s exited with code %s", persona, code)
+                self.gateway.store.execute(
+                    f"UPDATE training_runs SET status = 'failed', finished_at = ?, message = ? "
+                    f"WHERE persona = ? AND status NOT IN ({', '.join('?' for _ in FINISHED)})",
+                    [time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), f"{INTERRUPTED} (exit code {code})",
+                     persona, *FINISHED])
+
     async def tick(self) -> list[str]:
+        self.reap()
         started = []
         for target in self.gateway.catalog.active_targets():
             persona = target.persona
