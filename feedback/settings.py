@@ -89,6 +89,13 @@ VARIABLES: dict[str, Var] = {
         # Key for admin routes (promote, rollback, adapter loading).
         Var("PERSONA_ADMIN_KEY", _keys, lambda: (),
             "Comma-separated admin keys for the gateway's admin routes.", secret=True),
+        # Key files: one key a line ('#' comments and blank lines ignored), re-read when the
+        # file changes, so deleting a line revokes that key without a restart.
+        Var("PERSONA_API_KEY_FILE", _path, lambda: None,
+            "File of API keys, one a line, accepted besides PERSONA_API_KEY; edits apply at once "
+            "(delete a line to revoke a key)."),
+        Var("PERSONA_ADMIN_KEY_FILE", _path, lambda: None,
+            "File of admin keys, one a line, accepted besides PERSONA_ADMIN_KEY; edits apply at once."),
         # Key between the gateway and an engine it started (set by `persona up`, random).
         Var("PERSONA_ENGINE_API_KEY", str, lambda: "",
             "Bearer key the embedded engine requires (set by `persona up` for the engine it starts).",

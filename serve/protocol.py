@@ -7,24 +7,60 @@ is a 400/422 in OpenAI's error shape, never a 500.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
-from typing import Literal
+from datetime import datetime, timezone
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from feedback.votes import CHOICES, VOTES
 
 MAX_MESSAGES = 256
 MAX_MESSAGE_CHARS = 32_000
 MAX_N = 8
 MAX_STOP = 4
 MAX_TOKENS_LIMIT = 4096
+# Temperatures below this sample greedily, as in vLLM (its _SAMPLING_EPS): dividing logits
+# by a denormal temperature overflows to inf and the sampling distribution to NaN. A top_p
+# below it is raised to it: both keep only the likeliest token, but a denormal top_p is 0 in
+# float32 and keeps none.
+SAMPLING_EPS = 1e-5
+
+# C0 control characters other than tab, newline and carriage return: no chat text needs
+# them, tokenizers and terminals treat them unpredictably, and NUL ends C strings.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _no_controls(text: str) -> str:
+    found = CONTROL_CHARS.search(text)
+    if found:
+        raise ValueError(f"contains the control character U+{ord(found.group()):04X} at position {found.start()}; "
+                         "only tab, newline and carriage return are allowed")
+    return text
+
+
+def strip_controls(text: str) -> str:
+    """``text`` without the control characters requests refuse (for text a model wrote)."""
+    return CONTROL_CHARS.sub("", text)
+
+
+# Every string a request carries: refused (400, naming the field) when it holds control characters.
+# The pattern only documents the rule in the OpenAPI schema; the validator enforces it, with a
+# message that names the character.
+Text = Annotated[str, AfterValidator(_no_controls),
+                 Field(json_schema_extra={"pattern": "^[^\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f]*$"})]
+# Counts and versions: the store's INTEGER columns (and vLLM's LoRA ids) hold 32 bits.
+Int32 = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+    content: Text = Field(max_length=MAX_MESSAGE_CHARS)
 
 
 class StreamOptions(BaseModel):
@@ -35,7 +71,7 @@ class ChatCompletionRequest(BaseModel):
     # Unknown OpenAI fields (logprobs, tools, ...) are ignored as vLLM does.
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=128)
+    model: Text = Field(min_length=1, max_length=128)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -46,7 +82,17 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    user: str | None = Field(default=None, max_length=256)
+    user: Text | None = Field(default=None, max_length=256)
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_below_eps(cls, value):
+        return 0.0 if value is not None and value < SAMPLING_EPS else value
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p_at_least_eps(cls, value):
+        return max(value, SAMPLING_EPS) if value is not None else None
 
     @field_validator("stop")
     @classmethod
@@ -58,7 +104,7 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
-        return stops
+        return [_no_controls(s) for s in stops]
 
     def completion_limit(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
@@ -125,57 +171,90 @@ class ModelList(BaseModel):
 
 
 class LoadLoRAAdapterRequest(BaseModel):
-    lora_name: str = Field(min_length=1, max_length=128)
-    lora_path: str = Field(min_length=1, max_length=4096)
+    lora_name: Text = Field(min_length=1, max_length=128)
+    lora_path: Text = Field(min_length=1, max_length=4096)
     load_inplace: bool = False
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
-    lora_name: str = Field(min_length=1, max_length=128)
-    lora_int_id: int | None = None
+    lora_name: Text = Field(min_length=1, max_length=128)
+    lora_int_id: Int32 | None = None
 
 
 class FeedbackRequest(BaseModel):
     """A thumbs vote on one answer of a turn; ``retract`` removes the caller's vote."""
 
-    turn_id: str = Field(min_length=1, max_length=64)
-    vote: str = Field(min_length=1, max_length=16)  # up | down | retract (checked with a clear message)
+    turn_id: Text = Field(min_length=1, max_length=64)
+    # The enums document the values in the schema; feedback.votes checks them with a clear message.
+    vote: Text = Field(min_length=1, max_length=16, json_schema_extra={"enum": list(VOTES)})
     choice_index: int = Field(default=0, ge=0, le=MAX_N - 1)
-    reason: str | None = None
-    comment: str | None = None
+    reason: Text | None = None
+    comment: Text | None = None
 
 
 class ComparisonRequest(BaseModel):
     """Which of two answers to the same context is better; ``left`` says which one was shown on the left."""
 
-    turn_a: str = Field(min_length=1, max_length=64)
-    turn_b: str = Field(min_length=1, max_length=64)
-    choice: str = Field(min_length=1, max_length=16)  # a | b | tie | both_bad
-    left: str = Field(default="a", min_length=1, max_length=1)
+    turn_a: Text = Field(min_length=1, max_length=64)
+    turn_b: Text = Field(min_length=1, max_length=64)
+    choice: Text = Field(min_length=1, max_length=16, json_schema_extra={"enum": list(CHOICES)})
+    left: Text = Field(default="a", min_length=1, max_length=1, json_schema_extra={"enum": ["a", "b"]})
+
+
+# ISO 8601 (RFC 3339 in the schema); stored as UTC without a zone.
+Timestamp = Annotated[str, Field(max_length=64, json_schema_extra={"format": "date-time"})]
 
 
 class RunRecord(BaseModel):
     """A training run as the loop reports it (columns of the store's training_runs)."""
 
-    id: str = Field(min_length=1, max_length=200)
-    persona: str = Field(min_length=1, max_length=100)
-    kind: str = Field(default="dpo", max_length=16)
-    status: str = Field(max_length=32)
-    parent_version: int | None = None
-    adapter_version: int | None = None
-    started_at: str
-    finished_at: str | None = None
-    train_examples: int | None = None
-    heldout_examples: int | None = None
+    id: Text = Field(min_length=1, max_length=200)
+    persona: Text = Field(min_length=1, max_length=100)
+    kind: Text = Field(default="dpo", max_length=16)
+    status: Text = Field(max_length=32)
+    parent_version: Int32 | None = None
+    adapter_version: Int32 | None = None
+    started_at: Timestamp
+    finished_at: Timestamp | None = None
+    train_examples: Int32 | None = None
+    heldout_examples: Int32 | None = None
     reward_accuracy: float | None = None
     reward_margin: float | None = None
     metrics: dict | None = None
-    message: str | None = Field(default=None, max_length=4000)
+    message: Text | None = Field(default=None, max_length=4000)
+
+    @field_validator("started_at", "finished_at")
+    @classmethod
+    def _timestamp(cls, value):
+        if value is None:
+            return None
+        try:
+            when = datetime.fromisoformat(value)
+            if when.tzinfo is not None:
+                when = when.astimezone(timezone.utc).replace(tzinfo=None)
+        except (ValueError, OverflowError):  # OverflowError: year 1 moved back across midnight
+            raise ValueError("expected an ISO 8601 time such as 2025-01-31 12:00:00") from None
+        return when.isoformat(sep=" ")
+
+    @field_validator("metrics")
+    @classmethod
+    def _json_metrics(cls, value):
+        try:
+            json.dumps(value, allow_nan=False)  # stored as JSON, which has no NaN or Infinity
+        except ValueError:
+            raise ValueError("must not contain NaN or Infinity") from None
+        return value
 
 
 class RetrainRequest(BaseModel):
-    persona: str = Field(min_length=1, max_length=100)
+    persona: Text = Field(min_length=1, max_length=100)
     force: bool = False
+
+
+class EmptyRequest(BaseModel):
+    """The body of an admin action that takes no arguments: nothing, or ``{}``."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class ErrorInfo(BaseModel):

@@ -9,6 +9,8 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from serve.processes import free_port, serve_in_thread
 from conftest import make_lora
 
@@ -27,6 +29,7 @@ class Stack:
     adapters: dict[str, str]
     max_model_len: int
     kind: str
+    gateway: object = None   # the Gateway itself: a test may change its config
 
 
 def catalog(adapters: dict[str, str], teto_active: int = 1):
@@ -70,21 +73,28 @@ def engine(kind: str, base_dir: Path, adapter_paths: list[str], logs: Path):
 
 @contextlib.contextmanager
 def stack(kind: str, base_dir: Path, root: Path):
+    from feedback import settings
     from feedback.store import Store
     from serve.gateway.app import create_gateway_app
     from serve.gateway.core import Gateway, GatewayConfig
     from serve.gateway.engines import EnginePool
 
-    adapters = {name: make_lora(base_dir, root / name, seed, rank=8)
-                for seed, name in enumerate(["teto1", "teto2", "egen1", "spare"], start=10)}
-    state = {"catalog": catalog(adapters)}
-    store = Store.open(root / "feedback.duckdb")
-    with engine(kind, base_dir, list(adapters.values()), root) as (engine_url, key, max_len):
-        gateway = Gateway(lambda: state["catalog"], EnginePool([engine_url], api_key=key), store,
-                          GatewayConfig(api_keys=(API_KEY, "second-key"), admin_keys=(ADMIN_KEY,)))
-        url, server = serve_in_thread(create_gateway_app(gateway))
-        try:
-            yield Stack(url, engine_url, key, store, state, adapters, max_len, kind)
-        finally:
-            server.should_exit = True
-            store.close()
+    # The stack has its own PERSONA_HOME (root/home) while it runs: its adapters and database
+    # live there, as in an installation, and the gateway loads adapters from there only. A test
+    # inside a module-scoped stack still gets its own PERSONA_HOME (conftest), set and undone
+    # within the stack's.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PERSONA_HOME", str(root / "home"))
+        adapters = {name: make_lora(base_dir, settings.adapters_dir() / name, seed, rank=8)
+                    for seed, name in enumerate(["teto1", "teto2", "egen1", "spare"], start=10)}
+        state = {"catalog": catalog(adapters)}
+        store = Store.open(settings.home() / "feedback.duckdb")
+        with engine(kind, base_dir, list(adapters.values()), root) as (engine_url, key, max_len):
+            gateway = Gateway(lambda: state["catalog"], EnginePool([engine_url], api_key=key), store,
+                              GatewayConfig(api_keys=(API_KEY, "second-key"), admin_keys=(ADMIN_KEY,)))
+            url, server = serve_in_thread(create_gateway_app(gateway))
+            try:
+                yield Stack(url, engine_url, key, store, state, adapters, max_len, kind, gateway)
+            finally:
+                server.should_exit = True
+                store.close()

@@ -139,7 +139,7 @@ def test_limits_are_400_or_413(client, s):
 
 def test_adapter_admin_load_unload_duplicate(client, s):
     spare = {"lora_name": "spare-v1", "lora_path": s.adapters["spare"]}
-    assert admin(s, "/v1/load_lora_adapter", spare, key=API_KEY).status_code == 401, "admin key needed"
+    assert admin(s, "/v1/load_lora_adapter", spare, key=API_KEY).status_code == 403, "admin key needed"
     assert admin(s, "/v1/load_lora_adapter", spare).status_code == 200
     dup = admin(s, "/v1/load_lora_adapter", spare)
     assert dup.status_code == 400 and "already" in dup.json()["error"]["message"]
@@ -155,7 +155,7 @@ def test_adapter_admin_load_unload_duplicate(client, s):
 def test_health_and_metrics(client, s):
     ask(client, max_tokens=3)
     assert httpx.get(s.url + "/health").json()["status"] == "ok"
-    assert httpx.get(s.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 401
+    assert httpx.get(s.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 403
     text = httpx.get(s.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
     assert 'persona_requests_total{adapter="teto-v1",persona="teto",status="ok"}' in text
     assert "persona_time_to_first_token_seconds_bucket" in text and 'kind="completion"' in text

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from feedback.votes import Vote, record_comparison
 from serve.gateway.chat import open_chat
 from serve.gateway.core import Gateway, GatewayError
-from serve.protocol import ChatCompletionRequest
+from serve.protocol import ChatCompletionRequest, strip_controls
 
 MAX_TOKENS = 200       # per answer in the UI
 TEMPERATURE = 0.8      # two samples of one version must be able to differ (side by side)
@@ -33,8 +33,9 @@ class Session:
 
 
 def prompt_messages(history: list[dict]) -> list[dict]:
-    """The chat so far as plain OpenAI messages (Gradio adds display fields)."""
-    return [{"role": m["role"], "content": _text(m["content"])} for m in history
+    """The chat so far as plain OpenAI messages (Gradio adds display fields). Control
+    characters (a pasted one, or one a model wrote) are dropped: requests refuse them."""
+    return [{"role": m["role"], "content": strip_controls(_text(m["content"]))} for m in history
             if m.get("role") in ("user", "assistant")]
 
 
