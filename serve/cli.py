@@ -11,7 +11,7 @@
     persona simulate --rater train.raters:shorter --persona teto [--rounds 3] [--pairs-per-round 64]
     persona feedback stats | export --format dpo|kto|sft --persona teto --out FILE
     persona data check [FILE ...]
-    persona bench sft
+    persona bench sft | serve | train | feedback | load [--users 50 --seconds 60]
     persona settings
 
 Each command is a ``main(args)`` behind a parser; nothing is loaded at import
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens per sequence")
     p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
     p.add_argument("--no-adapters", action="store_true", help="start with the base model only")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="adapters of a higher rank are refused")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weights and activations (auto: bfloat16 where the hardware has native bf16)")
     p.set_defaults(func=c.engine)
@@ -141,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     feedback_speed.add_arguments(p)
     p.set_defaults(func=feedback_speed.main)
+
+    p = bsub.add_parser("load", help="many users chatting and voting at once: TTFT, refusals, no vote lost")
+    from bench import load
+
+    load.add_arguments(p)
+    p.set_defaults(func=load.main)
 
     p = sub.add_parser("settings", help="show every environment variable, its value and meaning")
     p.set_defaults(func=c.show_settings)

@@ -187,6 +187,19 @@ def test_bench_feedback_finds_every_acknowledged_vote(tiny_model_dir, teto_on_ti
     assert [c.strip() for c in build[1].strip("│").split("│")][:3] == ["2,000", "1,800", "200"]
 
 
+def test_bench_load_finds_every_acknowledged_vote_and_saves_its_figures(tiny_model_dir, teto_on_tiny_model,
+                                                                        persona_home):
+    result = persona("bench", "load", "--users", "4", "--seconds", "3", "--max-tokens", "4",
+                     env={"PERSONA_BASE_MODEL": str(tiny_model_dir), "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    assert "LOST" not in result.stdout
+    saved = json.loads(next((persona_home / "runs" / "bench").glob("load-*.json")).read_text())
+    assert saved["users"] == 4 and saved["chats_ok"] >= 4 and saved["timeouts"] == 0
+    assert saved["votes_found"] == saved["votes_acknowledged"] >= 1
+    assert saved["comparisons_found"] == saved["comparisons_acknowledged"]
+    assert not list((persona_home / "snapshots").glob("*")), "the scratch store's snapshot is removed"
+
+
 def test_up_on_a_taken_port_says_so_before_starting_anything():
     import socket
 

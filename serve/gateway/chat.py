@@ -21,6 +21,7 @@ import httpx
 from feedback.store import Turn
 from serve.gateway.catalog import Target, UnknownModel
 from serve.gateway.core import Gateway, GatewayError
+from serve.gateway.engines import UpstreamError
 from serve.protocol import ChatCompletionRequest, completion_id
 
 
@@ -38,14 +39,22 @@ def _upstream(body: ChatCompletionRequest, target: Target) -> tuple[list[dict], 
     return messages, sampling, upstream
 
 
+def retry_after(gateway: Gateway) -> dict[str, str]:
+    """The header that tells a refused caller when to come back. A constant, not an estimate:
+    with N requests in flight a slot frees every (request latency / N) seconds, under a second
+    at any useful N, and Retry-After counts whole seconds."""
+    return {"Retry-After": str(gateway.config.retry_after)}
+
+
 async def open_chat(gateway: Gateway, body: ChatCompletionRequest, client: str) -> "Chat":
     try:
         target = gateway.catalog.resolve(body.model)
     except UnknownModel as exc:
         raise GatewayError(404, exc.message, param="model", code="model_not_found") from None
     limit = gateway.config.max_in_flight
-    if gateway.in_flight >= limit:
-        raise GatewayError(429, f"Too many requests in flight (limit {limit}); retry shortly.")
+    if gateway.in_flight >= limit:  # at once: waiting in the engine's queue would only grow the TTFT
+        raise GatewayError(429, f"Too many requests in flight (limit {limit}); retry shortly.",
+                           headers=retry_after(gateway))
     messages, sampling, upstream = _upstream(body, target)
     turn = Turn(id=completion_id(), requested_model=body.model, messages=messages, answers=[""] * body.n,
                 finish_reasons=[None] * body.n, sampling=sampling, stream=body.stream, latency_ms=0.0,
@@ -57,7 +66,12 @@ async def open_chat(gateway: Gateway, body: ChatCompletionRequest, client: str) 
         chat.replica, chat.response = await gateway.open_chat(target, upstream)
     except httpx.HTTPError as exc:
         gateway.end(target)
-        raise GatewayError(503, f"The engine failed: {type(exc).__name__}") from None
+        raise GatewayError(503, f"The engine failed: {type(exc).__name__}", headers=retry_after(gateway)) from None
+    except UpstreamError as exc:
+        gateway.end(target)
+        if exc.status in (429, 503):  # no engine up, or an engine that is full: the caller may retry
+            raise GatewayError(exc.status, exc.message, exc.param, headers=retry_after(gateway)) from None
+        raise
     except BaseException:
         gateway.end(target)
         raise
@@ -139,6 +153,7 @@ class Chat:
                 yield usage_chunk
         except httpx.HTTPError as exc:
             turn.status = "error"
+            self.gateway.engine_failed(self.replica)
             yield {"error": {"message": f"The engine stopped answering: {type(exc).__name__}",
                              "type": "server_error", "param": None, "code": 503}}
         finally:

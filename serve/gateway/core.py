@@ -38,11 +38,14 @@ def _timestamp(text: str | None) -> datetime | None:
 
 
 class GatewayError(Exception):
-    """An error for the caller, answered in OpenAI's error shape with this status."""
+    """An error for the caller, answered in OpenAI's error shape with this status
+    (and ``headers``, e.g. ``Retry-After`` on a 429 or 503)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 @dataclass
@@ -50,11 +53,16 @@ class GatewayConfig:
     api_keys: tuple[str, ...] = ()
     admin_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20      # 1 MiB of JSON per request
-    max_in_flight: int = 256           # more concurrent chat requests than this get a 429
+    # Concurrent chat requests; more get a 429 with Retry-After at once. The embedded engine
+    # decodes 32 sequences together (--max-batch) and queues the rest, so on a CPU a deeper
+    # queue only makes time to first token grow: 64 is one batch running and one waiting.
+    max_in_flight: int = 64
+    retry_after: int = 1               # seconds a refused caller is told to wait (Retry-After)
     health_interval: float = 10.0      # seconds between engine health checks
     engine_wait: float = 600.0         # how long start-up waits for the engines
     drain_timeout: float = 120.0       # how long a swapped-out adapter may finish its requests
     vote_batch: int = 512              # most votes written in one transaction (group commit)
+    shutdown_timeout: float = 30.0     # on SIGTERM, how long running requests may take to finish
 
 
 class Gateway:
@@ -69,15 +77,19 @@ class Gateway:
         self.votes = VoteQueue(store, self.config.vote_batch)
         self.scheduler = None  # a serve.gateway.scheduler.Scheduler when retraining is scheduled
         self.in_flight = 0
+        self.draining = False  # set on SIGTERM: new requests get 503 while running ones finish
         self.adapter_in_flight: Counter[str] = Counter()
         self._health_task: asyncio.Task | None = None
+        self._recheck: asyncio.Task | None = None
         self._reload_lock = asyncio.Lock()
 
     # ---- life cycle --------------------------------------------------------------------
     async def start(self) -> None:
-        if not self.config.api_keys:
+        from feedback import settings
+
+        if not self.config.api_keys and not settings.get("PERSONA_API_KEY_FILE"):
             log.warning("PERSONA_API_KEY is not set: the API serves loopback clients only")
-        if not self.config.admin_keys:
+        if not self.config.admin_keys and not settings.get("PERSONA_ADMIN_KEY_FILE"):
             log.warning("PERSONA_ADMIN_KEY is not set: admin routes serve loopback clients only")
         await self.pool.wait_healthy(self.config.engine_wait)
         for target in self.catalog.active_targets():
@@ -96,6 +108,13 @@ class Gateway:
         if self.scheduler:
             await self.scheduler.stop()
         await self.pool.close()
+
+    def engine_failed(self, replica) -> None:
+        """An engine broke off a request: take it out of rotation and check the engines now
+        (a dead engine that ``persona up`` started is started again, and gets its adapters back)."""
+        replica.healthy = False
+        if self._recheck is None or self._recheck.done():
+            self._recheck = asyncio.create_task(self.pool.check())
 
     async def _watch_health(self) -> None:
         while True:
