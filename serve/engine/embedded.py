@@ -94,13 +94,7 @@ class EmbeddedEngine:
         def forget():
             """Undo a load that failed half way (peft may have added the adapter's config or modules)."""
             if hasattr(self.model, "peft_config") and name in self.model.peft_config:
-                if len(self.model.peft_config) == 1:
-                    self.model = self.model.unload()
-                    self.batcher.model = self.model
-                else:
-                    self.model.delete_adapter(name)
-                    current = next(a for a in self.model.peft_config)
-                    self.model.set_adapter(current)
+                self._drop(name)
 
         try:
             await self.batcher.call(load)
@@ -117,22 +111,24 @@ class EmbeddedEngine:
             raise EngineError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError", "lora_name")
         self.unloading.add(name)  # new requests are refused; running ones finish
 
-        def unload():
-            remaining = [a for a in self.model.peft_config if a != name]
-            if not remaining:  # back to the plain base model
-                self.model = self.model.unload()
-                self.batcher.model = self.model
-                return
-            self.model.delete_adapter(name)
-            if self.model.active_adapter not in remaining:
-                self.model.set_adapter(remaining[0])
-
         try:
-            await self.batcher.call(unload, wait_for_adapter=name)
+            await self.batcher.call(lambda: self._drop(name), wait_for_adapter=name)
         finally:
             self.unloading.discard(name)
         self.adapters.pop(name, None)
         return f"Success: LoRA adapter '{name}' removed successfully."
+
+    def _drop(self, name: str) -> None:
+        """Remove an adapter from the model (on the engine thread); the last one leaves the
+        plain base model."""
+        remaining = [a for a in self.model.peft_config if a != name]
+        if not remaining:
+            self.model = self.model.unload()
+            self.batcher.model = self.model
+            return
+        self.model.delete_adapter(name)
+        if self.model.active_adapter not in remaining:
+            self.model.set_adapter(remaining[0])
 
     # ---- generation ---------------------------------------------------------------------
     def resolve_model(self, name: str) -> str | None:
