@@ -124,7 +124,8 @@ def up(args) -> None:
                 pool.restart[url] = url.supervisor.restart_if_dead
         gateway = Gateway(load_catalog, pool, store, GatewayConfig(
             api_keys=settings.get("PERSONA_API_KEY"), admin_keys=settings.get("PERSONA_ADMIN_KEY"),
-            vote_batch=max(1, args.vote_batch), max_in_flight=max(1, args.max_in_flight)))
+            vote_batch=max(1, args.vote_batch), max_in_flight=max(1, args.max_in_flight),
+            shutdown_timeout=args.drain_seconds))
         err.print(f"gateway on http://{args.host}:{args.port}/v1 (personas: "
                   f"{', '.join(t.model_id for t in catalog.active_targets())}); database {store.path}")
         # uvicorn re-raises the SIGTERM it handled once it has shut down; as an exception
@@ -141,9 +142,7 @@ def up(args) -> None:
         err.print(f"browser UI on http://{args.host}:{args.port}/")
         from serve.gateway.drain import DrainingServer
 
-        gateway.config.shutdown_timeout = args.drain_seconds
-        DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"), gateway,
-                       args.drain_seconds).run()
+        DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"), gateway).run()
 
 
 def _check_port_free(host: str, port: int) -> None:

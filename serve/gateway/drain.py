@@ -38,9 +38,9 @@ class Draining:
 class DrainingServer(uvicorn.Server):
     """uvicorn, with the first SIGTERM/SIGINT starting a drain instead of an exit."""
 
-    def __init__(self, config: uvicorn.Config, gateway, bound: float):
+    def __init__(self, config: uvicorn.Config, gateway):
         super().__init__(config)
-        self.gateway, self.bound = gateway, bound
+        self.gateway = gateway
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.gateway.draining or sig not in (signal.SIGTERM, signal.SIGINT):
@@ -48,11 +48,11 @@ class DrainingServer(uvicorn.Server):
         self._captured_signals.append(sig)  # re-raised once the server has stopped, like uvicorn does
         self.gateway.draining = True
         log.warning("draining: %d request(s) running, new ones get 503 (at most %.0f s)",
-                    self.gateway.in_flight, self.bound)
+                    self.gateway.in_flight, self.gateway.config.shutdown_timeout)
         threading.Thread(target=self._stop_when_drained, daemon=True).start()
 
     def _stop_when_drained(self) -> None:
-        deadline = time.monotonic() + self.bound
+        deadline = time.monotonic() + self.gateway.config.shutdown_timeout
         while self.gateway.in_flight and time.monotonic() < deadline:
             time.sleep(0.1)
         if self.gateway.in_flight:
