@@ -78,6 +78,10 @@ def create_gateway_app(gateway: Gateway, ui: bool = True, ui_users: tuple[tuple[
     cfg = gateway.config
     api_keys = auth.KeyRing(cfg.api_keys, settings.get("PERSONA_API_KEY_FILE"))
     admin_keys = auth.KeyRing(cfg.admin_keys, settings.get("PERSONA_ADMIN_KEY_FILE"))
+    if not api_keys.required:
+        log.warning("PERSONA_API_KEY is not set: the API serves loopback clients only")
+    if not admin_keys.required:
+        log.warning("PERSONA_ADMIN_KEY is not set: admin routes serve loopback clients only")
     adapters_root = settings.adapters_dir().resolve()
 
     async def _caller_error(request: Request, exc):

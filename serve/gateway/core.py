@@ -85,12 +85,6 @@ class Gateway:
 
     # ---- life cycle --------------------------------------------------------------------
     async def start(self) -> None:
-        from feedback import settings
-
-        if not self.config.api_keys and not settings.get("PERSONA_API_KEY_FILE"):
-            log.warning("PERSONA_API_KEY is not set: the API serves loopback clients only")
-        if not self.config.admin_keys and not settings.get("PERSONA_ADMIN_KEY_FILE"):
-            log.warning("PERSONA_ADMIN_KEY is not set: admin routes serve loopback clients only")
         await self.pool.wait_healthy(self.config.engine_wait)
         for target in self.catalog.active_targets():
             await self.pool.ensure_loaded(target.adapter, target.path)
