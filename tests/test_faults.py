@@ -56,7 +56,7 @@ def children(pid: int) -> list[int]:
     return [int(p) for task in Path(f"/proc/{pid}/task").iterdir() for p in (task / "children").read_text().split()]
 
 
-def home(env: dict) -> Path:
+def home() -> Path:
     return Path(os.environ["PERSONA_HOME"])
 
 
@@ -92,7 +92,7 @@ def test_sigkill_during_a_vote_burst_loses_no_acknowledged_vote(tiny_home, tmp_p
         stop.set()
         for t in threads:
             t.join()
-    store = Store.open(home(tiny_home) / "feedback.duckdb")  # what a restart opens
+    store = Store.open(home() / "feedback.duckdb")  # what a restart opens
     try:
         stored = {r[0] for r in store.query("SELECT comment FROM votes")}
     finally:
@@ -151,7 +151,7 @@ def test_sigterm_drains_running_requests_refuses_new_ones_and_checkpoints(tiny_h
     new, health = refused
     assert new.status_code == 503 and new.headers["retry-after"] and "shutting down" in new.json()["error"]["message"]
     assert health.status_code == 503 and health.json()["status"] == "draining"
-    db = home(tiny_home) / "feedback.duckdb"
+    db = home() / "feedback.duckdb"
     wal = db.with_name(db.name + ".wal")
     assert not wal.exists() or wal.stat().st_size == 0      # checkpointed on the way out
     store = Store.open(db)
@@ -243,7 +243,7 @@ def test_killed_training_run_registers_nothing(tiny_home, tmp_path):
     from test_cli import persona
     from train import registry
 
-    db = home(tiny_home) / "feedback.duckdb"
+    db = home() / "feedback.duckdb"
     store = Store.open(db)
     for i in range(40):
         for side, answer in (("a", "Do it now."), ("b", "Well, there is a lot one could say about it first.")):
@@ -259,7 +259,7 @@ def test_killed_training_run_registers_nothing(tiny_home, tmp_path):
     args = ["retrain", "--persona", "tiny", "--here", "--gateway", "http://127.0.0.1:9", "--recipe", str(recipe)]
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli", *args], env={**os.environ, **tiny_home},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    folder, deadline = home(tiny_home) / "adapters" / "tiny", time.monotonic() + 300
+    folder, deadline = home() / "adapters" / "tiny", time.monotonic() + 300
     while not list(folder.glob(".staging-*")) and time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before it was killed"
         time.sleep(0.2)

@@ -168,6 +168,13 @@ def test_scheduler_starts_a_run_when_enough_new_pairs(tmp_path, monkeypatch):
     store.record_run({"id": "r1", "persona": "teto", "kind": "dpo", "status": "promoted", "started_at": "2026-01-01",
                       "train_examples": 0, "heldout_examples": 0})
     assert asyncio.run(scheduler.tick()) == []              # enough pairs, but inside the interval
+    # A run process that died cannot record its end: the scheduler records it failed.
+    store.record_run({"id": "r2", "persona": "teto", "kind": "dpo", "status": "running", "started_at": "2026-01-02"})
+    scheduler.running["teto"] = FakeRun()
+    scheduler.running["teto"].done = -9
+    asyncio.run(scheduler.tick())
+    status, message = store.query("SELECT status, message FROM training_runs WHERE id = 'r2'")[0]
+    assert status == "failed" and message.startswith("interrupted") and "exit code -9" in message
     real = Scheduler(gateway, ScheduleConfig(log_dir=tmp_path))
     real.running["teto"] = FakeRun()
     with pytest.raises(GatewayError) as busy:

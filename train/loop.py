@@ -135,7 +135,7 @@ def retrain(persona: str, gateway: str | None = None, force: bool = False, recip
     run = {"id": run_dir.name, "persona": persona, "status": "running", "parent_version": active.version,
            "started_at": _now()}
     try:
-        _close_interrupted(persona, client, db)
+        close_interrupted(persona, client, db)
         counts = pairs.build(db, persona, pairs.PairRules(voter_cap=recipe.voter_cap,
                                                           heldout_percent=recipe.heldout_percent),
                              kinds=("dpo", "kto"))
@@ -180,14 +180,14 @@ def _promote(run: dict, client, db, persona: str, version: int, previous: int) -
 INTERRUPTED = "interrupted: its process ended before the run finished; nothing was promoted"
 
 
-def _close_interrupted(persona: str, client, db) -> None:
+def close_interrupted(persona: str, client, db, message: str = INTERRUPTED) -> None:
     """Runs of this persona still marked as going belong to a process that died (one run
-    per persona at a time): record them as failed."""
+    per persona at a time): record them as failed (through the gateway when ``client``)."""
     rows = db.query_dicts(f"SELECT * FROM training_runs WHERE persona = ? AND status NOT IN "
                           f"({', '.join('?' for _ in FINISHED)})", [persona, *FINISHED])
     for row in rows:
         metrics = row.get("metrics")
-        row.update(status="failed", finished_at=_now(), message=INTERRUPTED,
+        row.update(status="failed", finished_at=_now(), message=message,
                    metrics=json.loads(metrics) if isinstance(metrics, str) and metrics else metrics)
         _record(row, client, db)
 

@@ -66,7 +66,7 @@ class Scheduler:
 
     def reap(self) -> None:
         """A run process that died (crash, kill) cannot record its own end: record it failed."""
-        from train.loop import FINISHED, INTERRUPTED
+        from train.loop import INTERRUPTED, close_interrupted
 
         for persona, proc in list(self.running.items()):
             code = proc.poll()
@@ -75,11 +75,7 @@ class Scheduler:
             del self.running[persona]
             if code != 0:
                 log.warning("the retrain of %s exited with code %s", persona, code)
-                self.gateway.store.execute(
-                    f"UPDATE training_runs SET status = 'failed', finished_at = ?, message = ? "
-                    f"WHERE persona = ? AND status NOT IN ({', '.join('?' for _ in FINISHED)})",
-                    [time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), f"{INTERRUPTED} (exit code {code})",
-                     persona, *FINISHED])
+                close_interrupted(persona, None, self.gateway.store, f"{INTERRUPTED} (exit code {code})")
 
     async def tick(self) -> list[str]:
         self.reap()
