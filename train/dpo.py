@@ -30,7 +30,7 @@ from train.data import load_files
 from train.evaluate import mean_nll, tokenize_examples
 from train.personas import Persona
 from train.recipes import DPORecipe
-from train.sft import _switch, _write_json, matmul_precision
+from train.sft import _switch, _write_json, matmul_precision, schedule_fields
 
 console = Console(stderr=True)
 
@@ -77,27 +77,13 @@ def trainer_config(recipe: DPORecipe, kind: str, cuda: bool, output_dir: Path, *
     from trl import DPOConfig, KTOConfig
 
     fields = dict(
-        output_dir=str(output_dir),
-        num_train_epochs=recipe.epochs,
-        max_steps=recipe.max_steps,
-        per_device_train_batch_size=recipe.batch_size,
+        schedule_fields(recipe, cuda, output_dir),
         per_device_eval_batch_size=recipe.precompute_batch_size,
-        gradient_accumulation_steps=recipe.grad_accum,
-        learning_rate=recipe.learning_rate,
-        lr_scheduler_type=recipe.lr_scheduler,
-        warmup_steps=recipe.warmup_ratio,
-        seed=recipe.seed,
         beta=recipe.beta,
         max_length=recipe.max_length,
         bf16=_switch(recipe.bf16, cuda) and cuda,
-        gradient_checkpointing=_switch(recipe.gradient_checkpointing, cuda),
-        use_cpu=not cuda,
         precompute_ref_log_probs=recipe.precompute_ref,
         precompute_ref_batch_size=recipe.precompute_batch_size,
-        logging_steps=recipe.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        dataloader_num_workers=0,
     )
     if kind == "dpo":
         fields["loss_type"] = [recipe.loss_type]

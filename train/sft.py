@@ -154,6 +154,24 @@ def sft_config(recipe: SFTRecipe, bf16: bool, cuda: bool, output_dir: Path, **ov
     from trl import SFTConfig
 
     fields = dict(
+        schedule_fields(recipe, cuda, output_dir),
+        weight_decay=recipe.weight_decay,
+        # Longer dialogues were already dropped (never cut mid-answer), so the
+        # trainer has nothing to truncate.
+        max_length=None,
+        bf16=bf16,
+        padding_free=recipe.padding_free,
+        train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
+        disable_tqdm=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    fields.update(overrides)
+    return SFTConfig(**fields)
+
+
+def schedule_fields(recipe, cuda: bool, output_dir: Path) -> dict:
+    """The TrainingArguments fields every recipe (SFT, DPO/KTO) sets the same way."""
+    return dict(
         output_dir=str(output_dir),
         num_train_epochs=recipe.epochs,
         max_steps=recipe.max_steps,
@@ -162,25 +180,14 @@ def sft_config(recipe: SFTRecipe, bf16: bool, cuda: bool, output_dir: Path, **ov
         learning_rate=recipe.learning_rate,
         lr_scheduler_type=recipe.lr_scheduler,
         warmup_steps=recipe.warmup_ratio,  # a float below 1 is a ratio of total steps
-        weight_decay=recipe.weight_decay,
         seed=recipe.seed,
-        # Longer dialogues were already dropped (never cut mid-answer), so the
-        # trainer has nothing to truncate.
-        max_length=None,
-        bf16=bf16,
         gradient_checkpointing=_switch(recipe.gradient_checkpointing, cuda),
         use_cpu=not cuda,
-        padding_free=recipe.padding_free,
-        train_sampling_strategy="group_by_length" if recipe.group_by_length else "random",
         logging_steps=recipe.logging_steps,
         save_strategy="no",
         report_to="none",
-        disable_tqdm=False,
         dataloader_num_workers=0,
-        dataset_kwargs={"skip_prepare_dataset": True},
     )
-    fields.update(overrides)
-    return SFTConfig(**fields)
 
 
 def make_trainer(model, tokenizer, tokenized, config, lean_loss: bool = True):
