@@ -74,17 +74,6 @@ class Snapshot(Reads):
                                 "and run the command again, or export one with POST /admin/snapshot")
         return cls.open(done[-1])
 
-    @classmethod
-    def of_file(cls, path: str | Path) -> "Snapshot":
-        """A store file that no process holds, opened read-only."""
-        import duckdb
-
-        try:
-            con = duckdb.connect(str(path), read_only=True)
-        except duckdb.IOException as exc:
-            raise SnapshotError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
-        return cls(con, str(path))
-
     def execute(self, sql: str, params: list | None = None) -> list[tuple]:
         """Statements on the in-memory side (temporary tables of the pair builder)."""
         return self.query(sql, params)

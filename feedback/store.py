@@ -176,17 +176,6 @@ class Store(Reads):
             cur = self._con.execute(sql, params or [])
             return cur.fetchall() if cur.description else []
 
-    def execute_many(self, sql: str, rows: list[list]) -> None:
-        """One parameterised statement for many rows, in one transaction."""
-        with self._lock:
-            self._con.execute("BEGIN TRANSACTION")
-            try:
-                self._con.executemany(sql, rows)
-                self._con.execute("COMMIT")
-            except Exception:
-                self._con.execute("ROLLBACK")
-                raise
-
     # ---- adapters and training runs -----------------------------------------------------------
     def sync_adapters(self, adapters: list[dict]) -> None:
         """Mirror the adapter registry: one row per version (name, persona, version, path,

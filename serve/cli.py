@@ -21,11 +21,22 @@ time. A mistake the user can fix (``UserError``) prints one line and exits 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from feedback import settings
 from feedback.errors import UserError
+
+
+# `persona bench NAME`: its module in bench/ (each has add_arguments and main) and what it prints.
+BENCHES = {
+    "sft": ("sft_speed", "SFT step time: our recipe against TRL's defaults"),
+    "serve": ("serve_speed", "streaming throughput: embedded engine against a naive server"),
+    "train": ("train_speed", "DPO step time: our recipe against TRL's defaults and plain fwd+bwd"),
+    "feedback": ("feedback_speed", "votes per second through the API, latency, none lost"),
+    "load": ("load", "many users chatting and voting at once: TTFT, refusals, no vote lost"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,34 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print comparable figures")
     bsub = bench.add_subparsers(dest="which", required=True, metavar="WHICH")
-    p = bsub.add_parser("sft", help="SFT step time: our recipe against TRL's defaults")
-    from bench import sft_speed
-
-    sft_speed.add_arguments(p)
-    p.set_defaults(func=sft_speed.main)
-    p = bsub.add_parser("serve", help="streaming throughput: embedded engine against a naive server")
-    from bench import serve_speed
-
-    serve_speed.add_arguments(p)
-    p.set_defaults(func=serve_speed.main)
-
-    p = bsub.add_parser("train", help="DPO step time: our recipe against TRL's defaults and plain fwd+bwd")
-    from bench import train_speed
-
-    train_speed.add_arguments(p)
-    p.set_defaults(func=train_speed.main)
-
-    p = bsub.add_parser("feedback", help="votes per second through the API, latency, none lost")
-    from bench import feedback_speed
-
-    feedback_speed.add_arguments(p)
-    p.set_defaults(func=feedback_speed.main)
-
-    p = bsub.add_parser("load", help="many users chatting and voting at once: TTFT, refusals, no vote lost")
-    from bench import load
-
-    load.add_arguments(p)
-    p.set_defaults(func=load.main)
+    for name, (module_name, help_text) in BENCHES.items():
+        module = importlib.import_module(f"bench.{module_name}")
+        p = bsub.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
 
     p = sub.add_parser("settings", help="show every environment variable, its value and meaning")
     p.set_defaults(func=c.show_settings)
