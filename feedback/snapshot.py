@@ -12,7 +12,6 @@ SQL runs on the live store and on a snapshot.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -44,11 +43,10 @@ def prune(keep: int = KEEP) -> None:
 
 
 class Snapshot(Reads):
-    """Read-only tables of one snapshot folder (or of a store file no process holds)."""
+    """Read-only tables of one snapshot folder."""
 
     def __init__(self, con, source: str):
-        self._con = con
-        self._lock = threading.Lock()
+        super().__init__(con)
         self.source = source
 
     @classmethod

@@ -72,8 +72,9 @@ class Reads:
     """Parameterised reads on a DuckDB connection shared behind a lock (the live store and
     snapshots both have them)."""
 
-    _con = None
-    _lock: threading.Lock
+    def __init__(self, con):
+        self._con = con
+        self._lock = threading.Lock()
 
     def query(self, sql: str, params: list | None = None) -> list[tuple]:
         """Run a read query (parameterised) and return all rows."""
@@ -89,8 +90,7 @@ class Reads:
 
 class Store(Reads):
     def __init__(self, con, path: str):
-        self._con = con
-        self._lock = threading.Lock()
+        super().__init__(con)
         self.path = path
 
     @classmethod
@@ -220,6 +220,12 @@ class Store(Reads):
         sql = (f"INSERT OR REPLACE INTO training_runs ({', '.join(columns)}) "
                f"VALUES ({', '.join('?' for _ in columns)})")
         self.execute(sql, [run[c] for c in columns])
+
+    def recent_runs(self, persona: str | None = None, limit: int = 20) -> list[dict]:
+        """The latest training runs, newest first, of one persona or all, without their
+        metrics; ``limit`` is kept within 1..500."""
+        return self.query_dicts("SELECT * EXCLUDE (metrics) FROM training_runs WHERE ? IS NULL OR persona = ? "
+                                "ORDER BY started_at DESC LIMIT ?", [persona, persona, max(1, min(limit, 500))])
 
     # ---- snapshots ---------------------------------------------------------------------------
     def snapshot(self, folder: str | Path) -> Path:

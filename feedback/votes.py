@@ -2,7 +2,8 @@
 
 Checked before anything is written: the turn exists, the caller is the client
 it was served to, the answer index exists, and compared turns share the same
-prompt context. A refused vote changes nothing.
+prompt context. A refused vote changes nothing and raises ``APIError`` with the
+HTTP status the gateway answers with.
 
     from feedback.votes import record_vote, record_comparison
     record_vote(store, turn_id, "up", client="key:ab12...", reason="helpful")
@@ -13,7 +14,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from feedback.errors import UserError
+from feedback.errors import APIError
 from feedback.store import Store, utc_now
 
 VOTES = ("up", "down", "retract")
@@ -21,22 +22,14 @@ CHOICES = ("a", "b", "tie", "both_bad")
 MAX_REASON, MAX_COMMENT = 200, 2000
 
 
-class FeedbackError(UserError):
-    """A refused vote; ``status`` is the HTTP status the gateway answers with."""
-
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-
 def _own_turn(store: Store, turn_id: str, client: str, param: str) -> tuple[int, str]:
     """(number of answers, messages JSON) of a turn served to ``client``."""
     rows = store.query("SELECT client, json_array_length(answers), messages FROM turns WHERE id = ?", [turn_id])
     if not rows:
-        raise FeedbackError(404, f"No turn with id {turn_id!r}.", param)
+        raise APIError(404, f"No turn with id {turn_id!r}.", param)
     owner, answers, messages = rows[0]
     if owner != client:
-        raise FeedbackError(403, f"Turn {turn_id!r} was not served to this key or session.", param)
+        raise APIError(403, f"Turn {turn_id!r} was not served to this key or session.", param)
     return answers, messages
 
 
@@ -53,21 +46,21 @@ class Vote:
 
 def _check(v: Vote, owners: dict) -> None:
     if v.vote not in VOTES:
-        raise FeedbackError(400, f"vote must be one of {', '.join(VOTES)}, not {v.vote!r}.", "vote")
+        raise APIError(400, f"vote must be one of {', '.join(VOTES)}, not {v.vote!r}.", "vote")
     for name, value, limit in (("reason", v.reason, MAX_REASON), ("comment", v.comment, MAX_COMMENT)):
         if value is not None and len(value) > limit:
-            raise FeedbackError(400, f"{name} is {len(value)} characters; the limit is {limit}.", name)
+            raise APIError(400, f"{name} is {len(value)} characters; the limit is {limit}.", name)
     if v.turn_id not in owners:
-        raise FeedbackError(404, f"No turn with id {v.turn_id!r}.", "turn_id")
+        raise APIError(404, f"No turn with id {v.turn_id!r}.", "turn_id")
     owner, answers = owners[v.turn_id]
     if owner != v.client:
-        raise FeedbackError(403, f"Turn {v.turn_id!r} was not served to this key or session.", "turn_id")
+        raise APIError(403, f"Turn {v.turn_id!r} was not served to this key or session.", "turn_id")
     if not 0 <= v.choice_index < answers:
-        raise FeedbackError(400, f"Turn {v.turn_id!r} has {answers} answer(s); "
-                                 f"choice_index {v.choice_index} does not exist.", "choice_index")
+        raise APIError(400, f"Turn {v.turn_id!r} has {answers} answer(s); "
+                            f"choice_index {v.choice_index} does not exist.", "choice_index")
 
 
-def record_votes(store: Store, votes: list[Vote]) -> list[str | FeedbackError]:
+def record_votes(store: Store, votes: list[Vote]) -> list[str | APIError]:
     """Check and write many votes with one lookup and one insert (a group commit); each
     result is what happened to that vote, or why it was refused. Refused votes write nothing.
 
@@ -75,12 +68,12 @@ def record_votes(store: Store, votes: list[Vote]) -> list[str | FeedbackError]:
     ids = sorted({v.turn_id for v in votes})
     owners = {tid: (client, n) for tid, client, n in store.query(
         "SELECT id, client, json_array_length(answers) FROM turns WHERE id IN (SELECT unnest(?))", [ids])}
-    results: list[str | FeedbackError] = []
+    results: list[str | APIError] = []
     rows = []
     for v in votes:
         try:
             _check(v, owners)
-        except FeedbackError as exc:
+        except APIError as exc:
             results.append(exc)
             continue
         if v.vote == "retract":
@@ -103,7 +96,7 @@ def record_vote(store: Store, turn_id: str, vote: str, client: str, choice_index
                 reason: str | None = None, comment: str | None = None, user_name: str | None = None) -> str:
     """Record, change or retract one thumbs vote; returns what happened."""
     result = record_votes(store, [Vote(turn_id, vote, client, choice_index, reason, comment, user_name)])[0]
-    if isinstance(result, FeedbackError):
+    if isinstance(result, APIError):
         raise result
     return result
 
@@ -112,16 +105,16 @@ def record_comparison(store: Store, turn_a: str, turn_b: str, choice: str, left:
                       user_name: str | None = None) -> str:
     """Record which of two answers to the same context won; returns the comparison id."""
     if choice not in CHOICES:
-        raise FeedbackError(400, f"choice must be one of {', '.join(CHOICES)}, not {choice!r}.", "choice")
+        raise APIError(400, f"choice must be one of {', '.join(CHOICES)}, not {choice!r}.", "choice")
     if left not in ("a", "b"):
-        raise FeedbackError(400, f"left must be 'a' or 'b' (the answer shown on the left), not {left!r}.", "left")
+        raise APIError(400, f"left must be 'a' or 'b' (the answer shown on the left), not {left!r}.", "left")
     if turn_a == turn_b:
-        raise FeedbackError(400, "turn_a and turn_b are the same turn.", "turn_b")
+        raise APIError(400, "turn_a and turn_b are the same turn.", "turn_b")
     _, a_messages = _own_turn(store, turn_a, client, "turn_a")
     _, b_messages = _own_turn(store, turn_b, client, "turn_b")
     if a_messages != b_messages:
-        raise FeedbackError(400, "turn_a and turn_b answer different prompt contexts; only answers to the "
-                                 "same messages can be compared.", "turn_b")
+        raise APIError(400, "turn_a and turn_b answer different prompt contexts; only answers to the "
+                            "same messages can be compared.", "turn_b")
     comparison_id = f"cmp-{uuid.uuid4().hex}"
     store.execute("INSERT INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                   [comparison_id, turn_a, turn_b, choice, turn_a if left == "a" else turn_b, client, user_name,

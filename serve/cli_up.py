@@ -1,4 +1,4 @@
-"""``persona up``: engine, gateway (OpenAI API) and, later, UI and scheduler, in one command.
+"""``persona up``: engine, gateway (OpenAI API, browser UI) and retrain scheduler, in one command.
 
 Part of the CLI root (with ``cli.py`` and ``cli_commands.py``): the only place
 that wires ``train`` (the adapter registry, the base model) to ``serve``.
@@ -78,16 +78,44 @@ def log_file(name: str):
     return settings.runs_dir() / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
+def engine_pool(args, catalog, stack: contextlib.ExitStack):
+    """The engines ``persona up`` serves from: the ``--engine-url`` replicas, or one it starts
+    (vLLM, or the embedded engine in a child process, started again if it dies). What it
+    starts stops when ``stack`` closes."""
+    from serve.engine.vllm_launcher import LaunchError, VLLMConfig, VLLMServer
+    from serve.gateway.engines import EnginePool
+    from serve.processes import child_server, free_port
+    from train import base_model
+
+    if args.engine_url:
+        return EnginePool(args.engine_url, api_key=args.engine_key or settings.get("PERSONA_ENGINE_API_KEY") or None)
+    key = secrets.token_hex(24)
+    if args.engine == "vllm":
+        config = VLLMConfig(python=str(settings.get("PERSONA_VLLM_PYTHON")), model=base_model.resolve(),
+                            adapters=[t.path for t in catalog.active_targets()], port=free_port(), api_key=key,
+                            max_model_len=args.max_model_len, extra_args=args.vllm_arg, log_file=str(log_file("vllm")))
+        err.print(f"starting vLLM on 127.0.0.1:{config.port} (log: {config.log_file}); this takes a minute")
+        try:
+            server = stack.enter_context(VLLMServer(config))
+        except LaunchError as exc:
+            raise UserError(str(exc)) from None
+        return EnginePool([server.url], api_key=key)
+    base_model.resolve()  # provision before the engine needs it
+    port, log = free_port(), log_file("engine")
+    err.print(f"embedded engine starting on 127.0.0.1:{port} (log: {log})")
+    engine = stack.enter_context(child_server(engine_args(port, args.max_model_len), port, log,
+                                              env={"PERSONA_ENGINE_API_KEY": key}))
+    pool = EnginePool([engine.url], api_key=key)
+    pool.restart[engine.url] = engine.supervisor.restart_if_dead
+    return pool
+
+
 def up(args) -> None:
     import uvicorn
 
-    from serve.processes import free_port, persona_process
     from feedback.store import Store
-    from serve.engine.vllm_launcher import LaunchError, VLLMConfig, VLLMServer
     from serve.gateway.app import create_gateway_app
     from serve.gateway.core import Gateway, GatewayConfig
-    from serve.gateway.engines import EnginePool
-    from train import base_model
 
     _check_port_free(args.host, args.port)
     catalog = load_catalog()
@@ -96,32 +124,7 @@ def up(args) -> None:
     store = Store.open(args.database)
     with contextlib.ExitStack() as stack:
         stack.callback(store.close)
-        if args.engine_url:
-            urls, key = args.engine_url, args.engine_key or settings.get("PERSONA_ENGINE_API_KEY") or None
-        elif args.engine == "vllm":
-            key = secrets.token_hex(24)
-            adapters = [t.path for t in catalog.active_targets()]
-            config = VLLMConfig(python=str(settings.get("PERSONA_VLLM_PYTHON")), model=base_model.resolve(),
-                                adapters=adapters, port=free_port(), api_key=key, max_model_len=args.max_model_len,
-                                extra_args=args.vllm_arg,
-                                log_file=str(log_file("vllm")))
-            err.print(f"starting vLLM on 127.0.0.1:{config.port} (log: {config.log_file}); this takes a minute")
-            try:
-                server = stack.enter_context(VLLMServer(config))
-            except LaunchError as exc:
-                raise UserError(str(exc)) from None
-            urls = [server.url]
-        else:
-            key = secrets.token_hex(24)
-            base_model.resolve()  # provision before the engine needs it
-            port, log = free_port(), log_file("engine")
-            err.print(f"embedded engine starting on 127.0.0.1:{port} (log: {log})")
-            urls = [stack.enter_context(persona_process(engine_args(port, args.max_model_len), port, log,
-                                                        env={"PERSONA_ENGINE_API_KEY": key}))]
-        pool = EnginePool(urls, api_key=key)
-        for url in urls:  # an engine this command started is started again if it dies
-            if hasattr(url, "supervisor"):
-                pool.restart[url] = url.supervisor.restart_if_dead
+        pool = engine_pool(args, catalog, stack)
         gateway = Gateway(load_catalog, pool, store, GatewayConfig(
             api_keys=settings.get("PERSONA_API_KEY"), admin_keys=settings.get("PERSONA_ADMIN_KEY"),
             vote_batch=max(1, args.vote_batch), max_in_flight=max(1, args.max_in_flight),
@@ -133,11 +136,13 @@ def up(args) -> None:
         # engine or vLLM server this command started is stopped too.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         from serve.gateway.scheduler import ScheduleConfig, Scheduler
+        from train.recipes import DPORecipe, load_recipe
 
+        # The scheduler counts new pairs by the runs' own recipe (serve does not import train).
         gateway.scheduler = Scheduler(gateway, ScheduleConfig(
             enabled=not args.no_scheduler, min_new_pairs=args.min_new_pairs, interval=args.retrain_interval,
             gateway_url=f"http://127.0.0.1:{args.port}", log_dir=settings.runs_dir() / "logs",
-            recipe=args.retrain_recipe))
+            recipe=args.retrain_recipe, rules=load_recipe(args.retrain_recipe, DPORecipe).pair_rules()))
         app = create_gateway_app(gateway, ui_users=settings.get("PERSONA_UI_USERS"))
         err.print(f"browser UI on http://{args.host}:{args.port}/")
         from serve.gateway.drain import DrainingServer

@@ -12,7 +12,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -66,7 +68,6 @@ class Supervised:
     def __init__(self, args: list[str], log: Path, env: dict | None = None):
         self.args, self.log, self.env = args, log, {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
-        self.restarts = 0
 
     def start(self) -> subprocess.Popen:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,6 @@ class Supervised:
         """Start the process again if it has exited; True when it did."""
         if self.proc is None or self.proc.poll() is None:
             return False
-        self.restarts += 1
         self.start()
         return True
 
@@ -94,9 +94,12 @@ class Supervised:
             self.proc.wait()
 
 
-class Child(str):
-    """A child server's loopback URL (a ``str``) that also knows its process."""
+@dataclass
+class ChildServer:
+    """A ``persona ...`` server in a child process: its loopback URL and its supervisor
+    (which can start it again)."""
 
+    url: str
     supervisor: Supervised
 
     @property
@@ -110,15 +113,23 @@ class Child(str):
 
 
 @contextlib.contextmanager
-def persona_process(args: list[str], port: int, log: Path, env: dict | None = None, timeout: float = 300):
-    """Run ``persona ARGS`` as a child process; yield its loopback URL (a ``Child``, whose
-    ``supervisor`` can start it again) once /health answers."""
+def child_server(args: list[str], port: int, log: Path, env: dict | None = None,
+                 timeout: float = 300) -> Iterator[ChildServer]:
+    """Run ``persona ARGS`` (a server on ``port``) as a child process; yield it once /health
+    answers, and stop it on the way out."""
     supervisor = Supervised(args, log, env)
     proc = supervisor.start()
     try:
-        url = Child(f"http://127.0.0.1:{port}")
-        url.supervisor = supervisor
-        wait_for(url, proc, timeout, log)
-        yield url
+        child = ChildServer(f"http://127.0.0.1:{port}", supervisor)
+        wait_for(child.url, proc, timeout, log)
+        yield child
     finally:
         supervisor.stop()
+
+
+@contextlib.contextmanager
+def persona_process(args: list[str], port: int, log: Path, env: dict | None = None,
+                    timeout: float = 300) -> Iterator[str]:
+    """``child_server`` for callers that need only the server's loopback URL."""
+    with child_server(args, port, log, env, timeout) as child:
+        yield child.url

@@ -2,7 +2,8 @@
 
 One module for every route's models (engine and gateway alike), so the two
 speak exactly the same protocol. Limits live here too: a request over a limit
-is a 400/422 in OpenAI's error shape, never a 500.
+is a 400/422 in OpenAI's error shape, never a 500. Errors too: every error a
+caller gets is a ``feedback.errors.APIError``, rendered by ``error_body`` here.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from feedback.errors import APIError
 from feedback.votes import CHOICES, VOTES
 
 MAX_MESSAGES = 256
@@ -266,6 +269,27 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+def error_body(error: APIError) -> dict:
+    """OpenAI's error shape for ``error``: ``{"error": {"message", "type", "param", "code"}}``.
+    The one renderer of errors, for every app and for in-stream error events too."""
+    info = ErrorInfo(message=error.message, type=error.type, param=error.param, code=error.code)
+    return ErrorResponse(error=info).model_dump()
+
+
+def error_response(error: APIError) -> JSONResponse:
+    """``error`` as an HTTP response: its status, its headers (``Retry-After``), ``error_body``."""
+    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
+
+
+def invalid_request(errors: list[dict], skip: int = 0, type: str | None = None) -> APIError:
+    """The first of pydantic's ``errors`` as a 400 that names the field. ``skip``: leading
+    parts of the location that are not the field (FastAPI's ``body`` or ``query``)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first.get("loc", ())[skip:]) or None
+    message = first["msg"].removeprefix("Value error, ")  # our validators' ValueErrors
+    return APIError(400, f"{param or 'body'}: {message}", param=param, type=type)
 
 
 def completion_id() -> str:

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from feedback.errors import APIError
 from serve.processes import free_port, serve_in_thread
 from conftest import make_lora
 from serve.gateway import auth
@@ -19,14 +20,14 @@ from serve.gateway.catalog import Catalog, PersonaInfo, UnknownModel
 def test_keys_and_loopback_rule():
     assert auth.check(None, "127.0.0.1", ()) == "ip:127.0.0.1"
     assert auth.check(None, "::1", ()) == "ip:::1"
-    with pytest.raises(auth.AuthError) as err:
+    with pytest.raises(APIError) as err:
         auth.check("Bearer anything", "192.0.2.7", ())
     assert err.value.status == 403 and "loopback" in err.value.message
     keys = ("k1", "k2")
     assert auth.check("Bearer k2", "192.0.2.7", keys) == auth.fingerprint("k2")
     assert auth.fingerprint("k2") != auth.fingerprint("k1") and "k2" not in auth.fingerprint("k2")
     for header in (None, "Bearer nope", "Basic k1", "Bearer "):
-        with pytest.raises(auth.AuthError) as err:
+        with pytest.raises(APIError) as err:
             auth.check(header, "127.0.0.1", keys)
         assert err.value.status == 401
 

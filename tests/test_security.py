@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from contract_stack import ADMIN_KEY, API_KEY, stack
+from feedback.errors import APIError
 from serve.gateway import auth
 from serve.processes import serve_in_thread
 
@@ -37,7 +38,7 @@ def s(tiny_model_dir, tmp_path_factory):
 @contextlib.contextmanager
 def second_gateway(s, folder: Path, **app_options):
     """Another gateway over the stack's engine (its own store), built now: PERSONA_*_KEY_FILE
-    and PERSONA_HOME are read when the app is created."""
+    and PERSONA_HOME are read when its config is made."""
     from feedback.store import Store
     from serve.gateway.app import create_gateway_app
     from serve.gateway.core import Gateway, GatewayConfig
@@ -109,7 +110,7 @@ def test_an_empty_key_file_still_requires_a_key(tmp_path):
     path = tmp_path / "keys"
     path.write_text("# nobody\n")
     ring = auth.KeyRing((), path)
-    with pytest.raises(auth.AuthError) as err:
+    with pytest.raises(APIError) as err:
         auth.check(None, "127.0.0.1", ring.keys(), required=ring.required)
     assert err.value.status == 401
     assert auth.check(None, "127.0.0.1", auth.KeyRing().keys(), required=auth.KeyRing().required) == "ip:127.0.0.1"
@@ -145,7 +146,7 @@ def test_every_configured_key_is_compared_in_constant_time(monkeypatch):
     keys = ("k1", "k2", "k3")
     for header in ("Bearer k1", "Bearer k3", "Bearer nope"):
         calls.clear()
-        with contextlib.suppress(auth.AuthError):
+        with contextlib.suppress(APIError):
             auth.check(header, "192.0.2.1", keys)
         assert calls == [k.encode() for k in keys], "every key is compared, the matching one or not"
 

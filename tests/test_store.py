@@ -9,7 +9,8 @@ import pytest
 
 from feedback.migrations import MIGRATIONS
 from feedback.store import Store, Turn
-from feedback.votes import FeedbackError, record_comparison, record_vote
+from feedback.errors import APIError
+from feedback.votes import record_comparison, record_vote
 
 
 def turn(turn_id: str, client: str = "key:a", content: str = "hi", answers=("yo",)) -> Turn:
@@ -76,7 +77,7 @@ def test_refused_feedback_is_clear_and_changes_nothing(store, call, status, says
     store.add_turn(turn("t2"))
     store.add_turn(turn("t3", content="something else"))
     before = counts(store)
-    with pytest.raises(FeedbackError, match=says) as err:
+    with pytest.raises(APIError, match=says) as err:
         call(store)
     assert err.value.status == status and counts(store) == before
 

@@ -204,14 +204,15 @@ def candidate_catalog(ui):
 
 def test_ui_session_cannot_vote_on_api_turns(ui):
     """A browser session is its own client: it cannot rate a turn served to an API key."""
-    from feedback.votes import FeedbackError, record_vote
+    from feedback.errors import APIError
+    from feedback.votes import record_vote
     from openai import OpenAI
 
     from contract_stack import API_KEY
 
     client = OpenAI(base_url=ui.url + "/v1", api_key=API_KEY)
     reply = client.chat.completions.create(model="teto", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-    with pytest.raises(FeedbackError) as err:
+    with pytest.raises(APIError) as err:
         record_vote(ui.store, reply.id, "up", client="ui:some-session")
     assert err.value.status == 403
     assert json.loads(ui.store.query("SELECT answers FROM turns WHERE id = ?", [reply.id])[0][0])

@@ -87,7 +87,7 @@ class Batcher:
         self._stop = threading.Event()
         self._rows: list[Row] = []
         self.peak_rows = 0  # most rows decoded in one step (shows that batching happens)
-        self._state = None  # (cache, attention_mask, last_tokens, adapters)
+        self._state = None  # (cache, attention_mask, last_tokens)
         self._pending_unloads: list[tuple[str, Callable, asyncio.Future, asyncio.AbstractEventLoop]] = []
         self.thread = threading.Thread(target=self._run, name="engine-batcher", daemon=True)
 

@@ -13,20 +13,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from pathlib import Path
 
+from feedback.errors import APIError
 from serve.engine.batching import Batcher, Event, Request, Sampling
+from serve.engine.lora import adapter_problem
 
 log = logging.getLogger(__name__)
 
+# vLLM's error types (named after the openai client's exceptions), which this engine answers with too.
+VLLM_ERROR_TYPES = {401: "AuthenticationError", 404: "NotFoundError"}
 
-class EngineError(Exception):
-    """An error with an HTTP status, reported in OpenAI's error shape."""
 
-    def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
+def engine_error(status: int, message: str, param: str | None = None) -> APIError:
+    """An error in vLLM's words: its type for the status, ``BadRequestError`` by default."""
+    return APIError(status, message, param, type=VLLM_ERROR_TYPES.get(status, "BadRequestError"))
 
 
 class EmbeddedEngine:
@@ -35,7 +36,6 @@ class EmbeddedEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model_path = model_path
         self.served_name = served_name or Path(model_path).name
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if self.tokenizer.pad_token is None:
@@ -52,7 +52,6 @@ class EmbeddedEngine:
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         self.batcher = Batcher(self.model, self.tokenizer, {e for e in eos_ids if e is not None}, max_batch)
-        self.started = time.time()
 
     def start(self) -> None:
         self.batcher.start()
@@ -67,14 +66,14 @@ class EmbeddedEngine:
 
     async def load_adapter(self, name: str, path: str, inplace: bool = False) -> str:
         if name == self.served_name:
-            raise EngineError(400, f"The lora adapter '{name}' has the name of the base model.")
+            raise engine_error(400, f"The lora adapter '{name}' has the name of the base model.")
         if name in self.adapters and not inplace:
-            raise EngineError(400, f"The lora adapter '{name}' has already been loaded.")
+            raise engine_error(400, f"The lora adapter '{name}' has already been loaded.")
         if not (Path(path) / "adapter_config.json").is_file():
-            raise EngineError(404, f"No adapter found for {path}", "NotFoundError", "lora_path")
+            raise engine_error(404, f"No adapter found for {path}", "lora_path")
         problem = adapter_problem(Path(path), self.max_lora_rank)
         if problem:
-            raise EngineError(400, f"Loading lora adapter '{name}' failed: {problem}", param="lora_path")
+            raise engine_error(400, f"Loading lora adapter '{name}' failed: {problem}", "lora_path")
 
         def load():
             from peft import PeftModel
@@ -102,13 +101,13 @@ class EmbeddedEngine:
             await self.batcher.call(forget)
             lines = [line.strip() for line in str(exc).strip().splitlines()] or [type(exc).__name__]
             first = next((line for line in lines if "size mismatch" in line), lines[0])[:300]
-            raise EngineError(400, f"Loading lora adapter '{name}' failed: {first}", param="lora_path") from None
+            raise engine_error(400, f"Loading lora adapter '{name}' failed: {first}", "lora_path") from None
         self.adapters[name] = path
         return f"Success: LoRA adapter '{name}' added successfully."
 
     async def unload_adapter(self, name: str) -> str:
         if name not in self.adapters or name in self.unloading:
-            raise EngineError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError", "lora_name")
+            raise engine_error(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
         self.unloading.add(name)  # new requests are refused; running ones finish
 
         try:
@@ -136,7 +135,7 @@ class EmbeddedEngine:
             return None
         if name in self.adapters and name not in self.unloading:
             return name
-        raise EngineError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
+        raise engine_error(404, f"The model `{name}` does not exist.", "model")
 
     def prepare(self, body) -> tuple[list[int], str | None, Sampling]:
         adapter = self.resolve_model(body.model)
@@ -145,7 +144,7 @@ class EmbeddedEngine:
                                                  return_dict=True)["input_ids"]
         max_tokens = body.completion_limit(self.default_max_tokens)
         if len(ids) + max_tokens > self.max_model_len:
-            raise EngineError(
+            raise engine_error(
                 400,
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the completion). "
@@ -191,32 +190,4 @@ def sse(data) -> str:
     return f"data: {payload}\n\n"
 
 
-__all__ = ["EmbeddedEngine", "EngineError", "sse"]
-
-
-def adapter_problem(folder: Path, max_rank: int) -> str | None:
-    """Why an adapter folder cannot be loaded, found before touching the model (or None)."""
-    import json
-
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        return f"cannot read adapter_config.json ({exc})"
-    except json.JSONDecodeError as exc:
-        return f"adapter_config.json is not valid JSON (line {exc.lineno}: {exc.msg})"
-    if not isinstance(config, dict):
-        return "adapter_config.json is not a JSON object"
-    if config.get("peft_type", "LORA") != "LORA":
-        return f"peft_type {config.get('peft_type')!r} is not LORA"
-    if config.get("use_dora"):
-        return "DoRA adapters are not supported"
-    try:
-        ranks = [int(config.get("r", 8))] + [int(r) for r in (config.get("rank_pattern") or {}).values()]
-    except (TypeError, ValueError):
-        return f"rank r={config.get('r')!r} is not a number"
-    if max(ranks) > max_rank:
-        return f"rank {max(ranks)} is above this engine's --max-lora-rank {max_rank}"
-    weights = [folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()]
-    if not weights:
-        return "no adapter_model.safetensors in the folder"
-    return None
+__all__ = ["EmbeddedEngine", "engine_error", "sse"]

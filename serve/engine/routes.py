@@ -1,28 +1,36 @@
 """HTTP routes of the embedded engine (vLLM's protocol). Thin: each route takes
-the engine from ``app.state`` and calls it."""
+the engine from ``app.state`` and calls it.
+
+    GET  /health                  decode loop status (no key needed)
+    GET  /v1/models               the base model and the loaded adapters
+    POST /v1/chat/completions     chat (SSE streaming too)
+    POST /v1/load_lora_adapter    load an adapter at runtime
+    POST /v1/unload_lora_adapter
+
+Errors are OpenAI's shape with vLLM's types (``BadRequestError``, ``NotFoundError``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from contextlib import asynccontextmanager
 from typing import Awaitable, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
-from serve.engine.embedded import EmbeddedEngine, EngineError, sse
+from feedback.errors import APIError
+from serve.engine.embedded import EmbeddedEngine, engine_error, sse
 from serve.protocol import (
     ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceMessage, ChunkChoice,
-    DeltaMessage, ErrorInfo, ErrorResponse, LoadLoRAAdapterRequest, ModelCard, ModelList,
-    UnloadLoRAAdapterRequest, Usage, completion_id,
+    DeltaMessage, LoadLoRAAdapterRequest, ModelCard, ModelList, UnloadLoRAAdapterRequest, Usage, completion_id,
+    error_response, invalid_request,
 )
 
-
-def error(status: int, message: str, type_: str = "BadRequestError", param: str | None = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=status))
-    return JSONResponse(body.model_dump(), status_code=status)
+router = APIRouter()
 
 
 def create_app(engine: EmbeddedEngine, on_start: Callable[[], Awaitable[None]] | None = None,
@@ -45,55 +53,65 @@ def create_app(engine: EmbeddedEngine, on_start: Callable[[], Awaitable[None]] |
 
     app = FastAPI(title="persona-chat embedded engine", lifespan=lifespan)
     app.state.engine = engine
-
     if api_key:
-        import hmac
+        expected = f"Bearer {api_key}".encode()
 
         @app.middleware("http")
         async def _key(request: Request, call_next):
-            given = request.headers.get("authorization", "")
-            if request.url.path != "/health" and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(401, "Unauthorized", "AuthenticationError")
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path != "/health" and not hmac.compare_digest(given, expected):
+                return error_response(engine_error(401, "Unauthorized"))
             return await call_next(request)
 
-    @app.exception_handler(EngineError)
-    async def _engine_error(request: Request, exc: EngineError):
-        return error(exc.status, exc.message, exc.type, exc.param)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": [], "msg": "invalid request"}
-        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        return error(400, f"{param or 'body'}: {first['msg']}", param=param)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "running": engine.batcher.running, "peak_batch": engine.batcher.peak_rows}
-
-    @app.get("/v1/models")
-    async def models():
-        return ModelList(data=[ModelCard(id=n, root=n, parent=p) for n, p in engine.model_names()])
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora(body: LoadLoRAAdapterRequest):
-        return await engine.load_adapter(body.lora_name, body.lora_path, body.load_inplace)
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora(body: UnloadLoRAAdapterRequest):
-        return await engine.unload_adapter(body.lora_name)
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, raw: Request):
-        ids, adapter, sampling = engine.prepare(body)
-        job = engine.submit(ids, adapter, sampling, body.n)
-        rid = completion_id()
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(engine, job, rid, body.model, len(ids), include_usage),
-                                     media_type="text/event-stream")
-        return await _complete(engine, job, rid, body.model, len(ids), raw)
-
+    for error_type in (APIError, RequestValidationError):
+        app.add_exception_handler(error_type, caller_error)
+    app.include_router(router)
     return app
+
+
+async def caller_error(request: Request, exc: Exception):
+    """An ``APIError`` as it is; a body FastAPI could not validate as a 400 naming the field."""
+    if isinstance(exc, RequestValidationError):
+        exc = invalid_request(exc.errors(), skip=1, type="BadRequestError")
+    return error_response(exc)
+
+
+def engine_of(request: Request) -> EmbeddedEngine:
+    return request.app.state.engine
+
+
+@router.get("/health")
+async def health(request: Request):
+    batcher = engine_of(request).batcher
+    return {"status": "ok", "running": batcher.running, "peak_batch": batcher.peak_rows}
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    return ModelList(data=[ModelCard(id=n, root=n, parent=p) for n, p in engine_of(request).model_names()])
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora(body: LoadLoRAAdapterRequest, request: Request):
+    return await engine_of(request).load_adapter(body.lora_name, body.lora_path, body.load_inplace)
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora(body: UnloadLoRAAdapterRequest, request: Request):
+    return await engine_of(request).unload_adapter(body.lora_name)
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatCompletionRequest, request: Request):
+    engine = engine_of(request)
+    ids, adapter, sampling = engine.prepare(body)
+    job = engine.submit(ids, adapter, sampling, body.n)
+    rid = completion_id()
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(engine, job, rid, body.model, len(ids), include_usage),
+                                 media_type="text/event-stream")
+    return await _complete(engine, job, rid, body.model, len(ids), request)
 
 
 async def _complete(engine, job, rid, model, prompt_tokens, raw: Request) -> ChatCompletion:

@@ -26,7 +26,6 @@ above ``--max-lora-rank`` and DoRA adapters (with a 500).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -35,6 +34,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve.engine import lora
 from serve.processes import wait_for
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,8 @@ class LaunchError(RuntimeError):
     pass
 
 
-def adapter_rank(path: str | Path) -> int:
-    config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
-    ranks = [int(config.get("r", 8))] + [int(r) for r in (config.get("rank_pattern") or {}).values()]
-    return max(ranks)
-
-
 def lora_rank_flag(adapters: list[str]) -> int:
-    need = max([adapter_rank(a) for a in adapters] or [8])
+    need = max([lora.rank(lora.read_config(a)) for a in adapters] or [8])
     for rank in LORA_RANKS:
         if rank >= need:
             return rank

@@ -3,7 +3,8 @@ configured, only loopback clients are served.
 
 Keys come from the environment and, optionally, from a key file (one key a
 line) that a ``KeyRing`` re-reads whenever the file changes: deleting a line
-revokes that key for the next request, without a restart.
+revokes that key for the next request, without a restart. The gateway holds
+the rings; the routes check keys through the dependencies of ``routes/deps.py``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,9 @@ import logging
 import os
 from pathlib import Path
 
+from feedback.errors import APIError
+
 log = logging.getLogger(__name__)
-
-
-class AuthError(Exception):
-    def __init__(self, status: int, message: str, code: str):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
 
 
 def is_loopback(host: str | None) -> bool:
@@ -101,19 +98,19 @@ class KeyRing:
 
 def check(header: str | None, host: str | None, keys: tuple[str, ...], what: str = "API",
           required: bool = False) -> str:
-    """Return the client id for the store, or raise ``AuthError``. Without ``keys`` (and
+    """Return the client id for the store, or raise a 401/403 ``APIError``. Without ``keys`` (and
     unless a key is ``required``, as with an empty key file), only loopback clients are served."""
     token = bearer(header)
     if not keys and not required:
         if is_loopback(host):
             return f"ip:{host}"
-        raise AuthError(403, f"No {what} key is configured on this server, so it only serves loopback clients.",
-                        "loopback_only")
+        raise APIError(403, f"No {what} key is configured on this server, so it only serves loopback clients.",
+                       code="loopback_only")
     if token is None:
-        raise AuthError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
-                        "missing_api_key")
+        raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                       code="missing_api_key")
     if not _matches(token, keys):
-        raise AuthError(401, "Incorrect API key provided.", "invalid_api_key")
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
     return fingerprint(token)
 
 
@@ -121,8 +118,8 @@ def check_admin(header: str | None, host: str | None, admin: KeyRing, api: KeyRi
     """``check`` for admin routes: a valid API key there is known but not enough (403)."""
     try:
         return check(header, host, admin.keys(), "admin", admin.required)
-    except AuthError as exc:
+    except APIError as exc:
         if exc.status == 401 and api.has(bearer(header)):
-            raise AuthError(403, "This route needs an admin key; the key given is an API key.",
-                            "admin_key_required") from None
+            raise APIError(403, "This route needs an admin key; the key given is an API key.",
+                           code="admin_key_required") from None
         raise

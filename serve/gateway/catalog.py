@@ -1,12 +1,13 @@
 """What the gateway serves: personas, their adapter versions and the active one.
 
-The gateway does not read the adapter registry itself (``serve`` never imports
-``train``); the CLI root builds a ``Catalog`` from it and hands the gateway a
-function that builds a fresh one, which the gateway calls on reload.
+The gateway does not read the adapter registry itself (in ``serve`` only the
+CLI root, ``serve/cli*.py``, imports ``train``); the CLI root builds a ``Catalog``
+from it and hands the gateway a function that builds a fresh one, which the
+gateway calls on reload.
 
 Public model ids: ``teto`` (the persona's active adapter) and ``teto@v3`` (a
-pinned version). Engine model names: ``teto-v3`` (never reused, so an engine
-never serves a stale cache under an old name).
+pinned version). Engine model names: ``teto-v3``, by ``feedback.naming``, the
+rule the registry names its versions by.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from feedback.naming import engine_name
+
 PINNED_RE = re.compile(r"^(?P<persona>[a-z][a-z0-9_-]{0,31})@v(?P<version>\d+)$")
-
-
-def engine_name(persona: str, version: int) -> str:
-    return f"{persona}-v{version}"
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,6 @@ class PersonaInfo:
     active: int | None = None                             # active adapter version, None = no adapter yet
     candidate: int | None = None                          # version under test against the active one
     versions: dict[int, str] = field(default_factory=dict)  # version -> adapter folder
-    max_rank: int = 16
 
 
 @dataclass(frozen=True)

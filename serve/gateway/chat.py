@@ -1,13 +1,17 @@
 """One chat turn through the gateway, whoever asks: the OpenAI route or the browser UI.
 
-    chat = await open_chat(gateway, body, client="key:ab12...")
-    async for chunk in chat.chunks(): ...        # streaming: chunk dicts with the turn id
-    data = await chat.complete()                 # or the whole response
+    turn = await start_turn(gateway, body, client="key:ab12...")   # 404, 429 or 503 here
+    data = await turn.complete()                 # the whole response, or:
+    async with turn:                             # (ends the turn if the reader stops early)
+        async for chunk in turn.chunks(): ...    # streaming: chunk dicts with the turn id
 
-Resolves the persona, adds its system prompt when the caller sent none, sends
-the request to an engine, and writes the turn to the store before the last
-chunk (or the response) goes out. A stream abandoned by its reader is logged
-as ``aborted``.
+``start_turn`` resolves the persona, adds its system prompt when the caller sent
+none, takes a slot among the turns in flight (``Gateway.admit``) and sends the
+request to an engine (``Gateway.send``). The ``ChatTurn`` it returns owns the
+turn from there: it writes the turn to the store before the last chunk (or the
+response) goes out, and ``end()`` gives back the slot and the engine's response
+once, on every path. A turn that does not reach its end is logged as it stands:
+``aborted`` when its reader went away, ``error`` when the engine failed.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ import time
 
 import httpx
 
+from feedback.errors import APIError
 from feedback.store import Turn
 from serve.gateway.catalog import Target, UnknownModel
-from serve.gateway.core import Gateway, GatewayError
-from serve.gateway.engines import UpstreamError
-from serve.protocol import ChatCompletionRequest, completion_id
+from serve.gateway.core import Gateway, TurnSlot
+from serve.protocol import ChatCompletionRequest, completion_id, error_body
 
 
 def _upstream(body: ChatCompletionRequest, target: Target) -> tuple[list[dict], dict, dict]:
@@ -39,125 +43,148 @@ def _upstream(body: ChatCompletionRequest, target: Target) -> tuple[list[dict], 
     return messages, sampling, upstream
 
 
-def retry_after(gateway: Gateway) -> dict[str, str]:
-    """The header that tells a refused caller when to come back. A constant, not an estimate:
-    with N requests in flight a slot frees every (request latency / N) seconds, under a second
-    at any useful N, and Retry-After counts whole seconds."""
-    return {"Retry-After": str(gateway.config.retry_after)}
-
-
-async def open_chat(gateway: Gateway, body: ChatCompletionRequest, client: str) -> "Chat":
+async def start_turn(gateway: Gateway, body: ChatCompletionRequest, client: str) -> ChatTurn:
+    """Admit a chat turn and send it to an engine; raises ``APIError`` (404 unknown model,
+    429 too many in flight, 503 no engine) with nothing held and nothing recorded."""
     try:
         target = gateway.catalog.resolve(body.model)
     except UnknownModel as exc:
-        raise GatewayError(404, exc.message, param="model", code="model_not_found") from None
-    limit = gateway.config.max_in_flight
-    if gateway.in_flight >= limit:  # at once: waiting in the engine's queue would only grow the TTFT
-        raise GatewayError(429, f"Too many requests in flight (limit {limit}); retry shortly.",
-                           headers=retry_after(gateway))
+        raise APIError(404, exc.message, param="model", code="model_not_found") from None
     messages, sampling, upstream = _upstream(body, target)
-    turn = Turn(id=completion_id(), requested_model=body.model, messages=messages, answers=[""] * body.n,
-                finish_reasons=[None] * body.n, sampling=sampling, stream=body.stream, latency_ms=0.0,
-                client=client, persona=target.persona, adapter=target.adapter, adapter_version=target.version,
-                user_tag=body.user)
-    chat = Chat(gateway, target, turn)
-    gateway.begin(target)
-    try:
-        chat.replica, chat.response = await gateway.open_chat(target, upstream)
-    except httpx.HTTPError as exc:
-        gateway.end(target)
-        raise GatewayError(503, f"The engine failed: {type(exc).__name__}", headers=retry_after(gateway)) from None
-    except UpstreamError as exc:
-        gateway.end(target)
-        if exc.status in (429, 503):  # no engine up, or an engine that is full: the caller may retry
-            raise GatewayError(exc.status, exc.message, exc.param, headers=retry_after(gateway)) from None
-        raise
-    except BaseException:
-        gateway.end(target)
-        raise
-    turn.engine = chat.replica.url
-    return chat
+    row = Turn(id=completion_id(), requested_model=body.model, messages=messages, answers=[""] * body.n,
+               finish_reasons=[None] * body.n, sampling=sampling, stream=body.stream, latency_ms=0.0,
+               client=client, persona=target.persona, adapter=target.adapter, adapter_version=target.version,
+               user_tag=body.user, status="aborted")  # until the engine's answer is read to its end
+    turn = ChatTurn(gateway, target, row, gateway.admit(target))
+    await turn.send(upstream)
+    return turn
 
 
-class Chat:
-    def __init__(self, gateway: Gateway, target: Target, turn: Turn):
-        self.gateway, self.target, self.turn = gateway, target, turn
+class ChatTurn:
+    """One admitted chat turn: the one owner of its slot, its engine response and its row."""
+
+    def __init__(self, gateway: Gateway, target: Target, row: Turn, slot: TurnSlot):
+        self.gateway, self.target, self.row, self.slot = gateway, target, row, slot
         self.started = time.perf_counter()
         self.replica = self.response = None
+        self.ended = self.saved = False
 
-    async def _release(self) -> None:
-        await self.gateway.pool.finish(self.replica, self.response)
-        self.gateway.end(self.target)
+    async def __aenter__(self) -> ChatTurn:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.end()
+
+    async def send(self, upstream: dict) -> None:
+        """Open the engine's response; on any failure the turn ends unrecorded (the engine
+        never answered), and the caller hears 503 with Retry-After where it may retry."""
+        try:
+            self.replica, self.response = await self.gateway.send(self.target, upstream)
+        except BaseException as exc:
+            await self.end(save=False)
+            if isinstance(exc, httpx.HTTPError):
+                raise APIError(503, f"The engine failed: {type(exc).__name__}",
+                               headers=self.gateway.retry_after()) from None
+            if isinstance(exc, APIError) and exc.status in (429, 503):  # none up, or one that is full
+                exc.headers = self.gateway.retry_after()
+            raise
+        self.row.engine = self.replica.url
+
+    async def end(self, save: bool = True) -> None:
+        """Close the engine's response, write the turn as it stands unless it is written,
+        and give back the slot: once, whichever path gets here first."""
+        if self.ended:
+            return
+        self.ended = True  # first, so that a second caller meanwhile does not close anything twice
+        try:
+            if self.response is not None:
+                await self.gateway.pool.finish(self.replica, self.response)
+            if save:
+                self._save()
+        finally:
+            self.slot.release()
+
+    def _save(self) -> None:
+        if not self.saved:
+            self.saved = True
+            self.row.latency_ms = self._elapsed_ms()
+            self.gateway.record(self.row, self.target)
 
     def _elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
 
+    def _engine_failed(self, exc: httpx.HTTPError) -> APIError:
+        self.row.status = "error"
+        self.gateway.engine_failed(self.replica)
+        return APIError(503, f"The engine stopped answering: {type(exc).__name__}",
+                        headers=self.gateway.retry_after())
+
     async def complete(self) -> dict:
-        """The whole response (non-streaming), with the turn id as its id."""
-        try:
-            data = json.loads(await self.response.aread())
-        finally:
-            await self._release()
-        turn = self.turn
-        data["id"], data["model"] = turn.id, self.target.model_id
-        for choice in data.get("choices", []):
-            turn.answers[choice["index"]] = choice["message"].get("content") or ""
-            turn.finish_reasons[choice["index"]] = choice.get("finish_reason")
-        usage = data.get("usage") or {}
-        turn.prompt_tokens, turn.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        turn.latency_ms = self._elapsed_ms()
-        await asyncio.to_thread(self.gateway.record, turn, self.target)  # logged before the answer is sent
+        """The whole response (non-streaming), with the turn id as its id; the turn is in
+        the store before it is returned."""
+        async with self:
+            try:
+                data = json.loads(await self.response.aread())
+            except httpx.HTTPError as exc:
+                raise self._engine_failed(exc) from None
+            row = self.row
+            data["id"], data["model"] = row.id, self.target.model_id
+            for choice in data.get("choices", []):
+                row.answers[choice["index"]] = choice["message"].get("content") or ""
+                row.finish_reasons[choice["index"]] = choice.get("finish_reason")
+            usage = data.get("usage") or {}
+            row.prompt_tokens, row.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            row.status = "ok"
+            await asyncio.to_thread(self._save)  # in the store before the answer is sent
         return data
 
     async def chunks(self, include_usage: bool = False):
-        """The engine's stream as chunk dicts with our turn id; the turn is logged before the
-        last chunk (the usage chunk when ``include_usage``). Ends without ``[DONE]``."""
-        turn, target = self.turn, self.target
-        turn.status = "aborted"
-        usage_chunk, recorded = None, False
-        try:
-            async for line in self.response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                payload = line[6:]
-                if payload == "[DONE]":
-                    turn.status = "ok"
-                    break
-                chunk = json.loads(payload)
-                if "error" in chunk or chunk.get("object") == "error":
-                    turn.status = "error"
-                    yield chunk
-                    continue
-                chunk["id"], chunk["model"] = turn.id, target.model_id
-                usage = chunk.pop("usage", None)
-                if usage:
-                    turn.prompt_tokens = usage.get("prompt_tokens")
-                    turn.completion_tokens = usage.get("completion_tokens")
-                for choice in chunk.get("choices", []):
-                    delta, index = choice.get("delta") or {}, choice["index"]
-                    if delta.get("content"):
-                        if turn.ttft_ms is None:
-                            turn.ttft_ms = self._elapsed_ms()
-                        turn.answers[index] += delta["content"]
-                    if choice.get("finish_reason"):
-                        turn.finish_reasons[index] = choice["finish_reason"]
-                if not chunk.get("choices"):
-                    if usage:
+        """The engine's stream as chunk dicts with our turn id; the turn is in the store before
+        the last chunk (the usage chunk when ``include_usage``). An engine that fails mid-stream
+        gives one error event. Ends without ``[DONE]``, which is the route's to send."""
+        usage_chunk = None
+        async with self:
+            try:
+                async for chunk in self._engine_chunks():
+                    if "error" in chunk or chunk.get("object") == "error":
+                        self.row.status = "error"
+                        yield chunk
+                        continue
+                    usage = self._take(chunk)
+                    if chunk.get("choices"):
+                        yield chunk
+                    elif usage:
                         usage_chunk = {**chunk, "usage": usage}
-                    continue
-                yield chunk
-            turn.latency_ms = self._elapsed_ms()
-            await asyncio.to_thread(self.gateway.record, turn, target)  # before the response completes
-            recorded = True
-            if include_usage and usage_chunk is not None:
-                yield usage_chunk
-        except httpx.HTTPError as exc:
-            turn.status = "error"
-            self.gateway.engine_failed(self.replica)
-            yield {"error": {"message": f"The engine stopped answering: {type(exc).__name__}",
-                             "type": "server_error", "param": None, "code": 503}}
-        finally:
-            await self._release()
-            if not recorded:  # reader gone or engine failed: keep what was sent, marked as such
-                turn.latency_ms = self._elapsed_ms()
-                self.gateway.record(turn, target)
+                await asyncio.to_thread(self._save)  # before the response completes
+                if include_usage and usage_chunk is not None:
+                    yield usage_chunk
+            except httpx.HTTPError as exc:
+                yield error_body(self._engine_failed(exc))
+
+    async def _engine_chunks(self):
+        """The engine's SSE events as dicts, up to its ``[DONE]`` (which makes the turn ``ok``)."""
+        async for line in self.response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line[6:] == "[DONE]":
+                self.row.status = "ok"
+                return
+            yield json.loads(line[6:])
+
+    def _take(self, chunk: dict) -> dict | None:
+        """Put our id on a chunk and its text, finish reasons and usage into the row; the usage
+        is taken off the chunk and returned (the caller asked for it or not)."""
+        row = self.row
+        chunk["id"], chunk["model"] = row.id, self.target.model_id
+        usage = chunk.pop("usage", None)
+        if usage:
+            row.prompt_tokens, row.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        for choice in chunk.get("choices", []):
+            delta, index = choice.get("delta") or {}, choice["index"]
+            if delta.get("content"):
+                if row.ttft_ms is None:
+                    row.ttft_ms = self._elapsed_ms()
+                row.answers[index] += delta["content"]
+            if choice.get("finish_reason"):
+                row.finish_reasons[index] = choice["finish_reason"]
+        return usage

@@ -1,5 +1,9 @@
-"""The gateway's state and its non-HTTP logic: persona resolution, adapter
-hot-swap, turn records. ``app.py`` holds the routes."""
+"""The gateway's state and its non-HTTP logic: key rings, persona resolution,
+the count of chat turns in flight, adapter hot-swap, admin actions, turn records.
+
+The routes (``serve/gateway/routes/``) and the browser UI call it; ``chat.py``
+runs one chat turn through it.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,24 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import httpx
+
+from feedback import settings
+from feedback.errors import APIError
+from feedback.naming import engine_name
 from feedback.store import Store, Turn
-from serve.gateway.catalog import Catalog, Target, engine_name
-from serve.gateway.engines import EnginePool, UpstreamError
+from feedback.votes import record_comparison
+from serve.gateway.auth import KeyRing
+from serve.gateway.catalog import Catalog, Target
+from serve.gateway.engines import EnginePool, Replica, parse_error
 from serve.gateway.metrics import Metrics
 from serve.gateway.vote_queue import VoteQueue
+from serve.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +49,29 @@ def _timestamp(text: str | None) -> datetime | None:
         return None
 
 
-class GatewayError(Exception):
-    """An error for the caller, answered in OpenAI's error shape with this status
-    (and ``headers``, e.g. ``Retry-After`` on a 429 or 503)."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers
+def inside_root(path: str, root: Path) -> str:
+    """``path`` resolved (symlinks and ``..``; relative to ``root``) when it lies inside
+    ``root``; otherwise a 400 naming both. An admin key loads adapters, not any file."""
+    try:
+        resolved = (root / path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        resolved = None
+    if resolved is None or not resolved.is_relative_to(root):
+        raise APIError(400, f"lora_path must lie inside {root} (the adapters folder); {path!r} does not.",
+                       param="lora_path")
+    return str(resolved)
 
 
 @dataclass
 class GatewayConfig:
     api_keys: tuple[str, ...] = ()
     admin_keys: tuple[str, ...] = ()
+    # Key files accepted besides the keys, re-read when they change (KeyRing); read from the
+    # settings when the config is made, unless given.
+    api_key_file: Path | None = field(default_factory=lambda: settings.get("PERSONA_API_KEY_FILE"))
+    admin_key_file: Path | None = field(default_factory=lambda: settings.get("PERSONA_ADMIN_KEY_FILE"))
+    # /v1/load_lora_adapter loads only from here (PERSONA_HOME's adapters folder unless given).
+    adapters_root: Path = field(default_factory=lambda: settings.adapters_dir().resolve())
     max_body_bytes: int = 1 << 20      # 1 MiB of JSON per request
     # Concurrent chat requests; more get a 429 with Retry-After at once. The embedded engine
     # decodes 32 sequences together (--max-batch) and queues the rest, so on a CPU a deeper
@@ -65,6 +85,25 @@ class GatewayConfig:
     shutdown_timeout: float = 30.0     # on SIGTERM, how long running requests may take to finish
 
 
+class TurnSlot:
+    """A chat turn's place among the requests in flight, handed out by ``Gateway.admit``.
+
+    The slots held are the gateway's one count of turns in flight: the total (what a
+    drain waits for), per adapter (what a hot swap waits for) and the Prometheus gauge
+    are all read from it. ``release`` gives the slot back once; later calls do nothing,
+    so whichever path ends a turn may call it.
+    """
+
+    def __init__(self, held: Counter[str], adapter: str):
+        self._held, self.adapter, self.released = held, adapter, False
+        held[adapter] += 1
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._held[self.adapter] -= 1
+
+
 class Gateway:
     def __init__(self, load_catalog: Callable[[], Catalog], pool: EnginePool, store: Store,
                  config: GatewayConfig | None = None):
@@ -73,12 +112,18 @@ class Gateway:
         self.pool = pool
         self.store = store
         self.config = config or GatewayConfig()
+        self.api_keys = KeyRing(self.config.api_keys, self.config.api_key_file)
+        self.admin_keys = KeyRing(self.config.admin_keys, self.config.admin_key_file)
+        if not self.api_keys.required:
+            log.warning("PERSONA_API_KEY is not set: the API serves loopback clients only")
+        if not self.admin_keys.required:
+            log.warning("PERSONA_ADMIN_KEY is not set: admin routes serve loopback clients only")
         self.metrics = Metrics()
         self.votes = VoteQueue(store, self.config.vote_batch)
         self.scheduler = None  # a serve.gateway.scheduler.Scheduler when retraining is scheduled
-        self.in_flight = 0
         self.draining = False  # set on SIGTERM: new requests get 503 while running ones finish
-        self.adapter_in_flight: Counter[str] = Counter()
+        self.turns: Counter[str] = Counter()  # adapter -> chat turns in flight, kept by TurnSlot
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
         self._health_task: asyncio.Task | None = None
         self._recheck: asyncio.Task | None = None
         self._reload_lock = asyncio.Lock()
@@ -103,7 +148,7 @@ class Gateway:
             await self.scheduler.stop()
         await self.pool.close()
 
-    def engine_failed(self, replica) -> None:
+    def engine_failed(self, replica: Replica) -> None:
         """An engine broke off a request: take it out of rotation and check the engines now
         (a dead engine that ``persona up`` started is started again, and gets its adapters back)."""
         replica.healthy = False
@@ -118,40 +163,68 @@ class Gateway:
             except Exception:  # keep watching whatever one check did
                 log.exception("engine health check failed")
 
-    # ---- requests ----------------------------------------------------------------------
-    def begin(self, target: Target) -> None:
-        self.in_flight += 1
-        self.adapter_in_flight[target.adapter] += 1
-        self.metrics.in_flight.inc()
+    # ---- chat turns --------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Chat turns in flight, every adapter's together."""
+        return sum(self.turns.values())
 
-    def end(self, target: Target) -> None:
-        self.in_flight -= 1
-        self.adapter_in_flight[target.adapter] -= 1
-        self.metrics.in_flight.dec()
+    def admit(self, target: Target) -> TurnSlot:
+        """A slot for one chat turn, or at once a 429 with Retry-After past ``max_in_flight``:
+        waiting in the engine's queue would only make the time to first token grow."""
+        limit = self.config.max_in_flight
+        if self.in_flight >= limit:
+            raise APIError(429, f"Too many requests in flight (limit {limit}); retry shortly.",
+                           headers=self.retry_after())
+        return TurnSlot(self.turns, target.adapter)
 
-    # ---- adapters ----------------------------------------------------------------------
-    async def prepare(self, target: Target) -> None:
-        """Make sure the target's adapter is on the engines (pinned versions load on first use)."""
-        if not all(target.adapter in r.loaded for r in self.pool.replicas if r.healthy):
-            await self.pool.ensure_loaded(target.adapter, target.path)
+    def retry_after(self) -> dict[str, str]:
+        """The header that tells a refused caller when to come back. A constant, not an estimate:
+        with N requests in flight a slot frees every (request latency / N) seconds, under a second
+        at any useful N, and Retry-After counts whole seconds."""
+        return {"Retry-After": str(self.config.retry_after)}
 
-    async def open_chat(self, target: Target, upstream: dict):
-        """Send a chat request to an engine that has the target's adapter.
+    async def send(self, target: Target, upstream: dict) -> tuple[Replica, httpx.Response]:
+        """Send a chat request to an engine that has the target's adapter; the replica and its
+        open (streamed) response, which the caller hands to ``pool.finish``.
 
         An engine that answers 404 for the adapter lost it (a restart between two health
         checks, an unload by hand): the adapter is loaded again and the request retried once.
         """
         await self.prepare(target)
         try:
-            return await self.pool.open_chat(upstream)
-        except UpstreamError as exc:
+            return await self.pool.post_chat(upstream)
+        except APIError as exc:
             if exc.status != 404:
                 raise
             log.warning("an engine no longer has %s; loading it again", target.adapter)
             for replica in self.pool.replicas:
                 replica.loaded.discard(target.adapter)
             await self.pool.ensure_loaded(target.adapter, target.path)
-            return await self.pool.open_chat(upstream)
+            return await self.pool.post_chat(upstream)
+
+    def record(self, turn: Turn, target: Target) -> None:
+        """Write a served turn to the store and count it in the metrics."""
+        self.store.add_turn(turn)
+        labels = (target.persona, target.adapter)
+        self.metrics.requests.labels(*labels, turn.status).inc()
+        self.metrics.latency.labels(*labels).observe(turn.latency_ms / 1000)
+        if turn.ttft_ms is not None:
+            self.metrics.ttft.labels(*labels).observe(turn.ttft_ms / 1000)
+        self.metrics.tokens.labels(*labels, "prompt").inc(turn.prompt_tokens or 0)
+        self.metrics.tokens.labels(*labels, "completion").inc(turn.completion_tokens or 0)
+
+    async def compare(self, turn_a: str, turn_b: str, choice: str, left: str, client: str,
+                      user_name: str | None = None) -> str:
+        """Record which of two answers won (the API's and the UI's side-by-side votes)."""
+        return await asyncio.to_thread(record_comparison, self.store, turn_a, turn_b, choice, left, client,
+                                       user_name)
+
+    # ---- adapters ----------------------------------------------------------------------
+    async def prepare(self, target: Target) -> None:
+        """Make sure the target's adapter is on the engines (pinned versions load on first use)."""
+        if not all(target.adapter in r.loaded for r in self.pool.replicas if r.healthy):
+            await self.pool.ensure_loaded(target.adapter, target.path)
 
     async def reload(self) -> dict:
         """Re-read the catalog and hot-swap: load each newly active adapter under its own
@@ -172,8 +245,23 @@ class Gateway:
 
     async def _drain(self, adapter: str) -> None:
         deadline = time.monotonic() + self.config.drain_timeout
-        while self.adapter_in_flight[adapter] and time.monotonic() < deadline:
+        while self.turns[adapter] and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+
+    async def load_adapter(self, body: LoadLoRAAdapterRequest) -> str:
+        """vLLM's load request, sent to every engine; the folder must lie in the adapters folder."""
+        body.lora_path = inside_root(body.lora_path, self.config.adapters_root)
+        return await self._broadcast("/v1/load_lora_adapter", body.model_dump(exclude_none=True))
+
+    async def unload_adapter(self, body: UnloadLoRAAdapterRequest) -> str:
+        return await self._broadcast("/v1/unload_lora_adapter", body.model_dump(exclude_none=True))
+
+    async def _broadcast(self, route: str, body: dict) -> str:
+        """An admin request to every engine: their answer's text, or the first refusal."""
+        resp = await self.pool.broadcast(route, body)
+        if resp.status_code != 200:
+            raise parse_error(resp.status_code, resp.content)
+        return resp.text
 
     def sync_store(self) -> None:
         """Mirror the catalog's adapter versions (with their metadata) into the store."""
@@ -189,6 +277,7 @@ class Gateway:
                              "created_at": _timestamp(meta.get("created_at"))})
         self.store.sync_adapters(rows)
 
+    # ---- training ----------------------------------------------------------------------
     def snapshot(self) -> str:
         """Export the store as Parquet for other processes (the live file is this process's)."""
         from feedback.snapshot import new_snapshot_path, prune
@@ -197,14 +286,10 @@ class Gateway:
         prune()
         return str(folder)
 
-    # ---- turns -------------------------------------------------------------------------
-    def record(self, turn: Turn, target: Target) -> None:
-        """Write a served turn to the store and count it in the metrics."""
-        self.store.add_turn(turn)
-        labels = (target.persona, target.adapter)
-        self.metrics.requests.labels(*labels, turn.status).inc()
-        self.metrics.latency.labels(*labels).observe(turn.latency_ms / 1000)
-        if turn.ttft_ms is not None:
-            self.metrics.ttft.labels(*labels).observe(turn.ttft_ms / 1000)
-        self.metrics.tokens.labels(*labels, "prompt").inc(turn.prompt_tokens or 0)
-        self.metrics.tokens.labels(*labels, "completion").inc(turn.completion_tokens or 0)
+    def retrain(self, persona: str, force: bool = False) -> dict:
+        """Start a retrain of ``persona`` now (the scheduler's run, outside its timer)."""
+        if persona not in self.catalog.personas:
+            raise APIError(404, f"No persona {persona!r}.", param="persona")
+        if self.scheduler is None:
+            raise APIError(503, "This gateway has no retrain scheduler.")
+        return self.scheduler.launch(persona, force)

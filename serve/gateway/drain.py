@@ -16,6 +16,9 @@ import time
 import uvicorn
 from fastapi.responses import JSONResponse
 
+from feedback.errors import APIError
+from serve.protocol import error_response
+
 log = logging.getLogger(__name__)
 
 
@@ -27,11 +30,13 @@ class Draining:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and self.gateway.draining:
-            body = {"error": {"message": "The server is shutting down; retry on another instance or shortly.",
-                              "type": "server_error", "param": None, "code": 503}}
+            retry = {"Retry-After": "5"}
             if scope["path"] == "/health":
-                body = {"status": "draining"}
-            return await JSONResponse(body, status_code=503, headers={"Retry-After": "5"})(scope, receive, send)
+                response = JSONResponse({"status": "draining"}, status_code=503, headers=retry)
+            else:
+                response = error_response(APIError(503, "The server is shutting down; retry on another instance "
+                                                        "or shortly.", headers=retry))
+            return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
 

@@ -18,28 +18,24 @@ from typing import Callable
 
 import httpx
 
+from feedback.errors import APIError
+
 log = logging.getLogger(__name__)
 
 
-class UpstreamError(Exception):
-    """An engine answered with an error (status and message passed on to the caller)."""
-
-    def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-
-def parse_error(status: int, body: bytes) -> UpstreamError:
-    """Read an engine's error body: OpenAI's ``{"error": {...}}`` or vLLM's flat ``{"message", ...}``."""
+def parse_error(status: int, body: bytes) -> APIError:
+    """An engine's error body as the caller's error, with the engine's status, message and
+    param: OpenAI's ``{"error": {...}}`` or vLLM's flat ``{"message", ...}``. The type is
+    OpenAI's for the status, not the engine's vLLM-style one (``BadRequestError``)."""
     try:
         data = json.loads(body)
     except ValueError:
-        return UpstreamError(status, body.decode(errors="replace")[:500] or f"engine answered HTTP {status}")
+        return APIError(status, body.decode(errors="replace")[:500] or f"engine answered HTTP {status}")
     if isinstance(data, dict):
         inner = data.get("error") if isinstance(data.get("error"), dict) else data
         message = inner.get("message") or inner.get("detail") or json.dumps(data)[:500]
-        return UpstreamError(status, str(message), str(inner.get("type") or "BadRequestError"), inner.get("param"))
-    return UpstreamError(status, str(data)[:500])
+        return APIError(status, str(message), inner.get("param"))
+    return APIError(status, str(data)[:500])
 
 
 @dataclass
@@ -104,11 +100,20 @@ class EnginePool:
                 raise TimeoutError(f"no engine became healthy within {timeout:.0f} s: {urls}")
             await asyncio.sleep(0.5)
 
+    def health(self) -> dict:
+        """What /health answers: ``ok`` while at least one replica is up."""
+        up = sum(r.healthy for r in self.replicas)
+        return {"status": "ok" if up else "unavailable", "engines_up": up, "engines": len(self.replicas)}
+
+    def describe(self) -> list[dict]:
+        """Each replica as /admin/engines shows it: health, requests in flight, adapters."""
+        return [{"url": r.url, "healthy": r.healthy, "in_flight": r.in_flight, "served": r.served,
+                 "adapters": sorted(r.loaded)} for r in self.replicas]
+
     def pick(self, exclude: set[str] = frozenset()) -> Replica:
         up = [r for r in self.replicas if r.healthy and r.url not in exclude]
         if not up:
-            raise UpstreamError(503, "No engine is available right now; try again shortly.",
-                                "ServiceUnavailableError")
+            raise APIError(503, "No engine is available right now; try again shortly.")
         return min(up, key=lambda r: (r.in_flight, r.served))
 
     # ---- adapters ----------------------------------------------------------------------
@@ -149,7 +154,7 @@ class EnginePool:
         for name, path in list(self.wanted.items()):
             try:
                 await self.ensure_loaded(name, path)
-            except (UpstreamError, httpx.HTTPError) as exc:
+            except (APIError, httpx.HTTPError) as exc:
                 log.warning("could not load adapter %s: %s", name, exc)
 
     async def broadcast(self, route: str, body: dict) -> httpx.Response:
@@ -161,11 +166,11 @@ class EnginePool:
                 if last.status_code != 200:
                     return last
         if last is None:
-            raise UpstreamError(503, "No engine is available right now.", "ServiceUnavailableError")
+            raise APIError(503, "No engine is available right now.")
         return last
 
     # ---- chat --------------------------------------------------------------------------
-    async def open_chat(self, body: dict) -> tuple[Replica, httpx.Response]:
+    async def post_chat(self, body: dict) -> tuple[Replica, httpx.Response]:
         """Send a chat request; returns the replica and the open (streamed) response.
 
         Connection failures move on to the next replica. The caller must call

@@ -24,6 +24,7 @@ class Metrics:
         self.latency = Histogram("persona_request_seconds", "Whole request time", labels,
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("persona_tokens", "Tokens processed", labels + ["kind"], registry=self.registry)
+        # Read from the gateway's turn slots when scraped (Gateway sets its function), not kept here.
         self.in_flight = Gauge("persona_in_flight_requests", "Chat requests being answered",
                                registry=self.registry)
 

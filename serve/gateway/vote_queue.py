@@ -5,7 +5,7 @@ on disk; while one batch commits, the next one gathers. Under load one
 lookup and one insert serve many votes; alone, a vote is a batch of one.
 
     queue = VoteQueue(store); queue.start()
-    status = await queue.submit(Vote(turn_id, "up", client))   # raises FeedbackError if refused
+    status = await queue.submit(Vote(turn_id, "up", client))   # raises APIError if refused
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import asyncio
 import logging
 
 from feedback.store import Store
-from feedback.votes import FeedbackError, Vote, record_votes
+from feedback.errors import APIError
+from feedback.votes import Vote, record_votes
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class VoteQueue:
             future = asyncio.get_running_loop().create_future()
             await self._queue.put((vote, future))
             result = await future
-        if isinstance(result, FeedbackError):
+        if isinstance(result, APIError):
             raise result
         return result
 
@@ -57,7 +58,7 @@ class VoteQueue:
             for (_, future), result in zip(batch, results):
                 if future.done():
                     continue
-                if isinstance(result, Exception) and not isinstance(result, FeedbackError):
+                if isinstance(result, Exception) and not isinstance(result, APIError):
                     future.set_exception(result)
                 else:
                     future.set_result(result)

@@ -1,10 +1,10 @@
 """The browser UI (Gradio), mounted at ``/`` on the gateway: chat, side by side, dashboard.
 
-Every answer comes through ``serve.gateway.chat.open_chat`` and every vote through
+Every answer comes through ``serve.gateway.chat.start_turn`` and every vote through
 ``feedback.votes``, the same code as the OpenAI API; the dashboard reads
 ``feedback.stats``. Nothing here talks to an engine or writes SQL.
 
-    app = create_gateway_app(gateway)        # mounts this UI unless ui=False
+    app = create_gateway_app(gateway)        # mounts this UI (serve/ui/mount.py) unless ui=False
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import random
 import gradio as gr
 
 from feedback import stats
-from feedback.votes import FeedbackError
-from serve.gateway.core import Gateway, GatewayError
+from feedback.errors import APIError
+from serve.gateway.core import Gateway
 from serve.ui import plots
 from serve.ui.chat import Session, compare, contenders, prompt_messages, stream_answer, vote
 
@@ -108,7 +108,7 @@ def chat_tab(gateway: Gateway, persona: gr.Dropdown) -> None:
                 history[-1] = {"role": "assistant", "content": text}
                 ids[-1] = turn_id
                 yield history, ids, f"answered by `{model_id}`"
-        except GatewayError as exc:
+        except APIError as exc:
             yield history[:-1], ids[:-1], f"**Error:** {exc.message}"
 
     async def respond(text, history, ids, name, request: gr.Request):
@@ -148,7 +148,7 @@ def chat_tab(gateway: Gateway, persona: gr.Dropdown) -> None:
             value, reason = "down", str(data.liked)
         try:
             result = await vote(gateway, turn_id, value, _session(request), reason)
-        except FeedbackError as exc:
+        except APIError as exc:
             return f"**Vote refused:** {exc.message}"
         return f"vote `{value}`{f' ({reason})' if reason else ''} {result}"
 
@@ -198,7 +198,7 @@ def compare_tab(gateway: Gateway, persona: gr.Dropdown) -> None:
                                           b=stream_answer(gateway, model_b, messages, session, seed=seeds[1])):
                 got[side] = item
                 yield (text, convo, None, *shown(), "", *disabled)
-        except GatewayError as exc:
+        except APIError as exc:
             yield (text, convo, None, *shown(), f"**Error:** {exc.message}", *disabled)
             return
         state = {"message": text, "left": left_side, "what": what,
@@ -215,7 +215,7 @@ def compare_tab(gateway: Gateway, persona: gr.Dropdown) -> None:
             choice = {"left": left_side, "right": right_side}.get(shown_choice, shown_choice)
             try:
                 await compare(gateway, state["a"]["turn"], state["b"]["turn"], choice, left_side, _session(request))
-            except FeedbackError as exc:
+            except APIError as exc:
                 return convo, state, f"**Vote refused:** {exc.message}", *disabled
             names = {left_side: "A", right_side: "B"}
             verdict = {"a": f"{names['a']} is better", "b": f"{names['b']} is better", "tie": "a tie",

@@ -1,5 +1,5 @@
 """What the browser UI does, without Gradio: chat turns and votes through the gateway's
-own code paths (``serve.gateway.chat.open_chat`` and ``feedback.votes``).
+own code paths (``serve.gateway.chat.start_turn``, its vote queue and ``Gateway.compare``).
 
 The UI is one more client of the gateway: its turns are logged like API turns,
 under the client id ``ui:<browser session>``, so a session can only rate the
@@ -8,12 +8,12 @@ answers it was served.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
-from feedback.votes import Vote, record_comparison
-from serve.gateway.chat import open_chat
-from serve.gateway.core import Gateway, GatewayError
+from feedback.errors import APIError
+from feedback.votes import Vote
+from serve.gateway.chat import start_turn
+from serve.gateway.core import Gateway
 from serve.protocol import ChatCompletionRequest, strip_controls
 
 MAX_TOKENS = 200       # per answer in the UI
@@ -53,15 +53,16 @@ async def stream_answer(gateway: Gateway, model: str, messages: list[dict], sess
     the turn is in the store before the last yield."""
     body = ChatCompletionRequest(model=model, messages=messages, stream=True, max_tokens=MAX_TOKENS,
                                  temperature=temperature, seed=seed, user=session.user)
-    chat = await open_chat(gateway, body, session.client)
-    text = ""
-    async for chunk in chat.chunks():
-        if "error" in chunk:
-            raise GatewayError(503, chunk["error"]["message"])
-        for choice in chunk.get("choices", []):
-            text += (choice.get("delta") or {}).get("content") or ""
-        yield text, chat.turn.id, chat.target.model_id
-    yield text, chat.turn.id, chat.target.model_id
+    turn = await start_turn(gateway, body, session.client)
+    text, turn_id, model_id = "", turn.row.id, turn.target.model_id
+    async with turn:  # ended on every path: a closed tab, an error raised here
+        async for chunk in turn.chunks():
+            if "error" in chunk:
+                raise APIError(503, chunk["error"]["message"])
+            for choice in chunk.get("choices", []):
+                text += (choice.get("delta") or {}).get("content") or ""
+            yield text, turn_id, model_id
+    yield text, turn_id, model_id
 
 
 async def vote(gateway: Gateway, turn_id: str, value: str, session: Session, reason: str | None = None) -> str:
@@ -69,8 +70,7 @@ async def vote(gateway: Gateway, turn_id: str, value: str, session: Session, rea
 
 
 async def compare(gateway: Gateway, turn_a: str, turn_b: str, choice: str, left: str, session: Session) -> str:
-    return await asyncio.to_thread(record_comparison, gateway.store, turn_a, turn_b, choice, left,
-                                   session.client, session.user)
+    return await gateway.compare(turn_a, turn_b, choice, left, session.client, session.user)
 
 
 def contenders(gateway: Gateway, persona: str) -> tuple[str, str, str]:

@@ -1,0 +1,64 @@
+"""The OpenAI API of the gateway, and its health.
+
+    POST /v1/chat/completions     persona chat (streaming too); the response id is the turn id
+    GET  /v1/models               personas (teto) and pinned versions (teto@v3)
+    GET  /health                  200 when at least one engine is up (no key needed)
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serve.engine.embedded import sse
+from serve.gateway.chat import ChatTurn, start_turn
+from serve.gateway.openapi import body as documented
+from serve.gateway.routes.deps import ApiClient, gateway_of, json_body
+from serve.protocol import ChatCompletionRequest, ModelCard, ModelList
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    status = gateway_of(request).pool.health()
+    return JSONResponse(status, status_code=200 if status["engines_up"] else 503)
+
+
+@router.get("/v1/models")
+async def models(request: Request, client: ApiClient):
+    ids = gateway_of(request).catalog.model_ids()
+    return ModelList(data=[ModelCard(id=i, root=i, parent=p) for i, p in ids])
+
+
+@router.post("/v1/chat/completions", openapi_extra=documented(ChatCompletionRequest))
+async def chat(request: Request, client: ApiClient,
+               body: Annotated[ChatCompletionRequest, json_body(ChatCompletionRequest)]):
+    turn = await start_turn(gateway_of(request), body, client)
+    if not body.stream:
+        return JSONResponse(await turn.complete())
+    return TurnStream(turn, include_usage=bool(body.stream_options and body.stream_options.include_usage))
+
+
+class TurnStream(StreamingResponse):
+    """A chat turn as server-sent events, ending with ``[DONE]``. However the response ends
+    (a reader gone before the first event included), the turn is ended when it does, not
+    when the garbage collector gets to an abandoned generator."""
+
+    def __init__(self, turn: ChatTurn, include_usage: bool):
+        super().__init__(_events(turn, include_usage), media_type="text/event-stream")
+        self.turn = turn
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.turn.end()
+
+
+async def _events(turn: ChatTurn, include_usage: bool):
+    async for chunk in turn.chunks(include_usage):
+        yield sse(chunk)
+    yield sse("[DONE]")
