@@ -65,6 +65,7 @@ def main(args: argparse.Namespace) -> None:
     from train.evaluate import tokenize_examples
     from train.personas import load_persona
     from train.recipes import load_recipe
+    from train.trainer_common import matmul_precision
 
     persona = load_persona(args.persona)
     recipe = load_recipe(persona.recipe)
@@ -85,7 +86,7 @@ def main(args: argparse.Namespace) -> None:
             config = sft.sft_config(replace(variant, max_steps=steps, logging_steps=steps), variant.bf16 == "on",
                                     False, Path(tmp), train_sampling_strategy="sequential", disable_tqdm=True)
             trainer = sft.make_trainer(model, tokenizer, sample, config, lean_loss=lean)
-            with sft.matmul_precision(variant.float32_matmul_precision):
+            with matmul_precision(variant.float32_matmul_precision):
                 times = time_steps(trainer)
         per_step = sum(times[1:]) / len(times[1:])
         rows.append((label, per_step))

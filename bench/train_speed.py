@@ -74,7 +74,7 @@ def run_trainer(base: str, adapter: Path, rows: list[dict], steps: int, batch: i
 
     from train import base_model, dpo
     from train.recipes import DPORecipe, load_recipe
-    from train.sft import matmul_precision
+    from train.trainer_common import matmul_precision
 
     recipe = load_recipe("dpo", DPORecipe)
     recipe = DPORecipe(**{**recipe.__dict__, "batch_size": batch, "max_steps": steps + 1, "logging_steps": 1000})
@@ -107,7 +107,7 @@ def plain_forward_backward(base: str, adapter: Path, rows: list[dict], steps: in
 
     from train import base_model, dpo
     from train.recipes import DPORecipe
-    from train.sft import matmul_precision
+    from train.trainer_common import matmul_precision
 
     tokenizer = base_model.load_tokenizer(base)
     model, _ = dpo.load_policy(base, adapter, DPORecipe(), cuda=False)

@@ -3,6 +3,7 @@
     persona setup                  provision the base model, train missing adapters
     persona provision              convert the base model to safetensors (once)
     persona train sft --persona teto [--recipe FILE] [--qlora]
+    persona train dpo --persona teto --data FILE.parquet [--recipe FILE] [--force]
     persona adapters list|promote|rollback|candidate
     persona chat --persona teto "message"
     persona up [--engine embedded|vllm] [--port 7860]
@@ -44,7 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="persona", description="Persona chatbots that learn from their users.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _training_commands(sub, c)
+    _adapter_and_data_commands(sub, c)
+    _serving_commands(sub, c)
+    _bench_commands(sub)
+    p = sub.add_parser("settings", help="show every environment variable, its value and meaning")
+    p.set_defaults(func=c.show_settings)
+    return parser
 
+
+def _training_commands(sub, c) -> None:
+    """setup, provision, train sft|dpo."""
     p = sub.add_parser("setup", help="provision the base model and train any persona without an adapter")
     p.add_argument("--persona", action="append", help="only these personas (repeatable)")
     p.set_defaults(func=c.setup)
@@ -59,7 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sft.add_arguments(p)
     p.set_defaults(func=c.train_sft)
+    p = train.add_parser("dpo", help="DPO/KTO step: preference data in, a candidate adapter out (not activated)")
+    from train import dpo
 
+    dpo.add_arguments(p)
+    p.set_defaults(func=dpo.main)
+
+
+def _adapter_and_data_commands(sub, c) -> None:
+    """adapters list|promote|rollback|candidate, chat, data check."""
     adapters = sub.add_parser("adapters", help="list, promote or roll back adapter versions")
     asub = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = asub.add_parser("list", help="versions of each persona, with the active one marked")
@@ -97,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", default="en", help="language of records in the given files")
     p.set_defaults(func=c.data_check)
 
+
+def _serving_commands(sub, c) -> None:
+    """up, retrain, simulate, feedback stats|export, engine."""
     p = sub.add_parser("up", help="start everything: engine and gateway (OpenAI API on 127.0.0.1:7860)")
     from serve import cli_up
 
@@ -129,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and activations (auto: bfloat16 where the hardware has native bf16)")
     p.set_defaults(func=c.engine)
 
+
+def _bench_commands(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print comparable figures")
     bsub = bench.add_subparsers(dest="which", required=True, metavar="WHICH")
     for name, (module_name, help_text) in BENCHES.items():
@@ -136,10 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = bsub.add_parser(name, help=help_text)
         module.add_arguments(p)
         p.set_defaults(func=module.main)
-
-    p = sub.add_parser("settings", help="show every environment variable, its value and meaning")
-    p.set_defaults(func=c.show_settings)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,7 +122,7 @@ def stats(args) -> None:
 
 
 def export(args) -> None:
-    from feedback import pairs
+    from feedback import export, pairs
 
     target = Path(args.out)
     suffix = target.suffix.lower()
@@ -131,17 +131,12 @@ def export(args) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     db = open_data(args)
     try:
-        known = {r[0] for r in db.query("SELECT DISTINCT persona FROM turns WHERE persona IS NOT NULL")}
+        known = export.personas_with_turns(db)
         if args.persona not in known:
             raise UserError(f"--persona {args.persona}: no turns of that persona in the store "
                             f"(personas with turns: {', '.join(sorted(known)) or 'none'})")
-        sql, params = pairs.query(args.format, args.persona)
-        db.execute(f"CREATE OR REPLACE TEMP TABLE export_rows AS {sql}", params)
-        where = "" if args.split == "all" else f"WHERE split = '{args.split}'"  # one of two literals
-        rows = db.query(f"SELECT count(*) FROM export_rows {where}")[0][0]
-        fmt = "parquet" if suffix == ".parquet" else "json"
-        path = str(target.resolve()).replace("'", "''")
-        db.execute(f"COPY (SELECT * EXCLUDE (persona) FROM export_rows {where}) TO '{path}' (FORMAT {fmt})")
+        pairs.build(db, args.persona, kinds=(args.format,))
+        rows = export.write_table(db, f"pref_{args.format}", target, args.split)
     finally:
         db.close()
     err.print(f"{rows} {args.format} examples of {args.persona} ({args.split}) written to {target}")

@@ -2,9 +2,12 @@
 
 With a gateway running, it asks the gateway to start the run (the same
 subprocess its scheduler starts); with ``--here``, or when no gateway answers,
-it runs in this process.
+it runs in this process (``train.loop.retrain``). The scheduler's subprocesses
+pass ``--snapshot``, the snapshot the gateway took for them, so they never ask
+their parent for one.
 
     persona retrain --persona teto [--force] [--wait]
+    persona retrain --persona teto --here [--snapshot DIR] [--gateway URL]
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ def add_arguments(p) -> None:
     p.add_argument("--recipe", default="dpo", help="preference recipe (default: train/recipes/dpo.yaml)")
     p.add_argument("--gateway", default="http://127.0.0.1:7860", help="the running gateway")
     p.add_argument("--here", action="store_true", help="run in this process (the scheduler's subprocesses do)")
+    p.add_argument("--snapshot", help="with --here: read this feedback snapshot folder instead of asking the "
+                                      "gateway for one (the scheduler passes the one it took)")
     p.add_argument("--wait", action="store_true", help="with a gateway: wait until the run has finished")
     p.add_argument("--timeout", type=float, default=3600, help="seconds --wait waits at most")
     p.set_defaults(func=retrain)
@@ -31,7 +36,8 @@ def retrain(args) -> int:
 
     client = None if args.here else GatewayClient.reachable(args.gateway)
     if client is None:
-        run = run_here(args.persona, None if not args.here else args.gateway, args.force, args.recipe)
+        run = run_here(args.persona, None if not args.here else args.gateway, args.force, args.recipe,
+                       args.snapshot if args.here else None)
     else:
         started = client.retrain(args.persona, args.force)
         console.print(f"the gateway started a retrain of {args.persona} (log: {started['log']})")

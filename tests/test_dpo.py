@@ -112,6 +112,49 @@ def test_dpo_run_refuses_too_little_data(tiny_persona, tiny_model_dir, tmp_path)
         dpo.run(tiny_persona, tmp_path / "bad.jsonl", DPORecipe(), str(tiny_model_dir))
 
 
+def one_line_error(capsys, code: int) -> str:
+    """The only error line of a command that exited 2 without a traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("persona: error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def test_train_dpo_command_refuses_bad_data_in_one_line(tiny_persona, tmp_path, capsys):
+    from serve.cli import main
+
+    missing = tmp_path / "missing.parquet"
+    line = one_line_error(capsys, main(["train", "dpo", "--persona", "tiny", "--data", str(missing)]))
+    assert str(missing) in line
+    wrong = write_parquet(tmp_path / "wrong.parquet", [{"text": "hi", "split": "train"}])
+    line = one_line_error(capsys, main(["train", "dpo", "--persona", "tiny", "--data", str(wrong)]))
+    assert str(wrong) in line and "expected prompt/chosen/rejected" in line and "'text'" in line
+    few = pairs_file(tmp_path / "few.parquet", n_train=3, n_heldout=1)
+    line = one_line_error(capsys, main(["train", "dpo", "--persona", "tiny", "--data", str(few)]))
+    assert str(few) in line and "needs at least 8" in line and "--force" in line
+
+
+def test_train_dpo_command_writes_a_candidate_without_activating_it(tiny_persona, tiny_model_dir, tmp_path,
+                                                                    persona_home, capsys):
+    """The pure step: a preference file in, a registered candidate with metrics.json out; no store."""
+    from serve.cli import main
+    from train import registry
+
+    data = pairs_file(tmp_path / "pairs.parquet", n_train=4, n_heldout=4)   # below min_pairs: --force
+    code = main(["train", "dpo", "--persona", "tiny", "--data", str(data), "--base-model", str(tiny_model_dir),
+                 "--max-steps", "2", "--learning-rate", "5e-3", "--force"])
+    assert code == 0, capsys.readouterr().err
+    assert "not activated" in " ".join(capsys.readouterr().err.split())
+    assert [v.version for v in registry.versions("tiny")] == [1, 2] and registry.active("tiny").version == 1
+    candidate = registry.get("tiny", 2)
+    assert candidate.meta["parent_version"] == 1 and candidate.meta["data_file"] == str(data)
+    assert candidate.meta["recipe"]["max_steps"] == 2 and candidate.meta["recipe"]["learning_rate"] == 5e-3
+    metrics = json.loads((candidate.path / "metrics.json").read_text())
+    assert (metrics["train_examples"], metrics["heldout_examples"], metrics["train_steps"]) == (4, 4, 2)
+    assert metrics["reward_accuracy"] is not None and metrics["log_history"]
+    assert not (persona_home / "feedback.duckdb").exists()                  # it never opened the store
+
+
 def test_gate():
     recipe = DPORecipe(min_reward_accuracy=0.55, max_sft_nll_increase=0.1)
     good = {"reward_accuracy": 0.8, "reward_margin": 0.3, "sft_nll_candidate": 3.1, "sft_nll_active": 3.0,
@@ -148,7 +191,7 @@ def test_lean_dpo_loss_equals_trls(tiny_persona, tiny_model_dir, tmp_path):
 
     from train import base_model, dpo, registry
 
-    rows, _, _ = dpo.read_preferences(pairs_file(tmp_path / "pairs.parquet", n_train=8, n_heldout=0))
+    rows = dpo.read_preferences(pairs_file(tmp_path / "pairs.parquet", n_train=8, n_heldout=0)).train
     rows[1]["rejected"] = [{"role": "assistant", "content": "No."}]  # uneven lengths: padding in the batch
     recipe = DPORecipe(batch_size=4, max_steps=1)
     tokenizer = base_model.load_tokenizer(str(tiny_model_dir))

@@ -3,8 +3,10 @@ a retrain through the gateway, the gate, promotion, rollback; and a hot swap und
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -125,15 +127,18 @@ def test_hot_swap_under_streaming_load(tiny_model_dir, tmp_path):
 
 
 def test_scheduler_starts_a_run_when_enough_new_pairs(tmp_path, monkeypatch):
-    """The scheduler counts new pairs since the persona's last run, respects the interval,
-    and runs one retrain per persona at a time."""
+    """The scheduler counts new pairs since the persona's last run with the recipe's pair rules,
+    respects the interval, runs one retrain per persona at a time on a snapshot it took itself,
+    and records a run whose process died."""
     import asyncio
     from types import SimpleNamespace
 
+    from feedback import pairs
+    from feedback.errors import APIError
     from feedback.store import Store, Turn
     from feedback.votes import record_vote
+    from serve.gateway import scheduler as scheduling
     from serve.gateway.catalog import Catalog, PersonaInfo
-    from serve.gateway.core import GatewayError
     from serve.gateway.scheduler import ScheduleConfig, Scheduler
 
     store = Store.open(tmp_path / "f.duckdb")
@@ -142,45 +147,60 @@ def test_scheduler_starts_a_run_when_enough_new_pairs(tmp_path, monkeypatch):
                             answers=[f"answer {i}"], finish_reasons=["stop"], sampling={}, stream=False,
                             latency_ms=1, client="c", persona="teto", adapter="teto-v1", adapter_version=1))
         record_vote(store, f"t{i}", "up" if i % 2 else "down", "c")
-    gateway = SimpleNamespace(store=store, catalog=Catalog({"teto": PersonaInfo("teto", "x", active=1,
-                                                                                versions={1: "/a"})}))
-    launched = []
+    snapshots = []
 
-    class FakeRun:
-        def __init__(self):
-            self.done = None
+    def snapshot() -> str:
+        snapshots.append(str(store.snapshot(tmp_path / f"s{len(snapshots)}")))
+        return snapshots[-1]
 
-        def poll(self):
-            return self.done
+    gateway = SimpleNamespace(store=store, snapshot=snapshot,
+                              catalog=Catalog({"teto": PersonaInfo("teto", "x", active=1, versions={1: "/a"})}))
+    rules, seen, build = pairs.PairRules(voter_cap=7, heldout_percent=30), [], pairs.build
+    monkeypatch.setattr(pairs, "build", lambda db, persona, r, kinds: seen.append(r) or build(db, persona, r, kinds))
+    monkeypatch.setattr(scheduling, "POLL_SECONDS", 0.05)
+    scheduler = Scheduler(gateway, ScheduleConfig(min_new_pairs=3, interval=0, log_dir=tmp_path, rules=rules))
+    started, script = [], ["import time; time.sleep(1)"]
+    scheduler.command = lambda persona, force, snapshot: started.append(snapshot) or [sys.executable, "-c", script[0]]
 
-    scheduler = Scheduler(gateway, ScheduleConfig(min_new_pairs=3, interval=0, log_dir=tmp_path))
-    monkeypatch.setattr(scheduler, "launch", lambda persona, force=False: (
-        launched.append(persona), scheduler.running.__setitem__(persona, FakeRun()),
-        scheduler.last_start.__setitem__(persona, time.monotonic())))
-    assert scheduler.new_pairs("teto") == 3
-    assert asyncio.run(scheduler.tick()) == ["teto"]
-    assert asyncio.run(scheduler.tick()) == []              # one run per persona at a time
-    scheduler.running["teto"].done = 0
-    store.record_run({"id": "r1", "persona": "teto", "kind": "dpo", "status": "promoted", "started_at": "2026-01-01",
-                      "train_examples": 3, "heldout_examples": 0})
-    assert scheduler.new_pairs("teto") == 0 and asyncio.run(scheduler.tick()) == []  # nothing new since r1
-    scheduler.config.interval = 3600
-    store.record_run({"id": "r1", "persona": "teto", "kind": "dpo", "status": "promoted", "started_at": "2026-01-01",
-                      "train_examples": 0, "heldout_examples": 0})
-    assert asyncio.run(scheduler.tick()) == []              # enough pairs, but inside the interval
-    # A run process that died cannot record its end: the scheduler records it failed.
-    store.record_run({"id": "r2", "persona": "teto", "kind": "dpo", "status": "running", "started_at": "2026-01-02"})
-    scheduler.running["teto"] = FakeRun()
-    scheduler.running["teto"].done = -9
-    asyncio.run(scheduler.tick())
+    async def scenario():
+        assert scheduler.new_pairs("teto") == 3 and seen[-1] is rules    # the recipe's rules, not the defaults
+        assert await scheduler.tick() == ["teto"]
+        assert await scheduler.tick() == []                              # one run per persona at a time
+        with pytest.raises(APIError) as busy:
+            scheduler.launch("teto")
+        assert busy.value.status == 409
+        assert await scheduler.running["teto"] == 0
+        assert started == snapshots and (Path(started[0]) / "votes.parquet").is_file()  # the snapshot it took
+        store.record_run({"id": "r1", "persona": "teto", "kind": "dpo", "status": "promoted",
+                          "started_at": "2026-01-01", "train_examples": 3, "heldout_examples": 0})
+        assert scheduler.new_pairs("teto") == 0 and await scheduler.tick() == []  # nothing new since r1
+        scheduler.config.interval = 3600
+        store.record_run({"id": "r1", "persona": "teto", "kind": "dpo", "status": "promoted",
+                          "started_at": "2026-01-01", "train_examples": 0, "heldout_examples": 0})
+        assert await scheduler.tick() == []                              # enough pairs, but inside the interval
+        # A run process that died cannot record its end: the scheduler records it failed.
+        store.record_run({"id": "r2", "persona": "teto", "kind": "dpo", "status": "running",
+                          "started_at": "2026-01-02"})
+        script[0] = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+        scheduler.launch("teto")
+        assert await scheduler.running["teto"] == -9
+
+    asyncio.run(scenario())
     status, message = store.query("SELECT status, message FROM training_runs WHERE id = 'r2'")[0]
     assert status == "failed" and message.startswith("interrupted") and "exit code -9" in message
-    real = Scheduler(gateway, ScheduleConfig(log_dir=tmp_path))
-    real.running["teto"] = FakeRun()
-    with pytest.raises(GatewayError) as busy:
-        real.launch("teto")
-    assert busy.value.status == 409
-    with pytest.raises(GatewayError) as unknown:
-        real.launch("nobody")
+    with pytest.raises(APIError) as unknown:
+        scheduler.launch("nobody")
     assert unknown.value.status == 404
+    command = Scheduler(gateway, ScheduleConfig(recipe="r.yaml")).command("teto", True, "/snap")
+    assert command[command.index("--snapshot") + 1] == "/snap" and "--here" in command and "--force" in command
     store.close()
+
+
+def test_recipe_gives_the_scheduler_its_pair_rules(tmp_path):
+    """`persona up` hands the scheduler the pair rules of --retrain-recipe (serve cannot read recipes)."""
+    from feedback.pairs import PairRules
+    from train.recipes import DPORecipe, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("voter_cap: 7\nheldout_percent: 30\n")
+    assert load_recipe(str(recipe), DPORecipe).pair_rules() == PairRules(voter_cap=7, heldout_percent=30)

@@ -1,9 +1,13 @@
 """Preference retraining: DPO (or KTO) on a persona's active adapter, a pure step.
 
-Preference data in (the Parquet or JSONL that ``persona feedback export``
-writes, with its ``split`` column), a candidate adapter folder with
-``metrics.json`` out, registered as the next version but not activated. It
-never opens the live database and never calls an engine.
+    persona train dpo --persona teto --data teto-dpo.parquet [--recipe FILE] [--max-steps N] [--force]
+
+Preference data in (the Parquet or JSONL that ``persona feedback export`` and
+the retrain loop write, with its ``split`` column), a candidate adapter
+folder with ``metrics.json`` out, registered as the next version but not
+activated. It never opens the feedback store, never calls an engine and makes
+no HTTP request: the loop (``train/loop.py``) does the snapshot, the records,
+the gate and the promotion around it.
 
 The active adapter is trained further, and a frozen copy of it is the
 reference (TRL adds it as the ``ref`` adapter), so the implicit reward
@@ -17,9 +21,10 @@ fixed prompt set.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -28,9 +33,10 @@ from train import base_model, registry
 from train.config import ConfigError
 from train.data import load_files
 from train.evaluate import mean_nll, tokenize_examples
-from train.personas import Persona
-from train.recipes import DPORecipe
-from train.sft import _switch, _write_json, matmul_precision, schedule_fields
+from train.personas import Persona, load_persona
+from train.recipes import DPORecipe, load_recipe
+from train.trainer_common import (add_common_arguments, apply_arguments, load_base, matmul_precision,
+                                  schedule_fields, staged, switch, utc_stamp, write_json)
 
 console = Console(stderr=True)
 
@@ -43,8 +49,33 @@ SANITY_PROMPTS = [
 ]
 
 
-def read_preferences(path: str | Path) -> tuple[list[dict], list[dict], str]:
-    """(train rows, held-out rows, kind) of an exported file: DPO pairs or KTO examples."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, "recipe name or YAML path (default: train/recipes/dpo.yaml)")
+    parser.add_argument("--data", required=True, help="preference data (.parquet or .jsonl): DPO pairs or KTO examples")
+    parser.add_argument("--force", action="store_true", help="train even with fewer examples than min_pairs")
+
+
+def main(args: argparse.Namespace) -> int:
+    persona = load_persona(args.persona)
+    recipe = apply_arguments(load_recipe(args.recipe or "dpo", DPORecipe), args)
+    data = load_data(args.data, recipe, args.force)  # a bad file fails before the model loads
+    version, metrics = train(persona, data, recipe, base_model.resolve(args.base_model))
+    accuracy = metrics.get("reward_accuracy")
+    console.print(f"[bold green]Saved[/] {version.name} in {version.path} (not activated; held-out reward "
+                  f"accuracy {'-' if accuracy is None else f'{accuracy:.2f}'}, {metrics['train_steps']} steps)")
+    return 0
+
+
+@dataclass
+class PreferenceData:
+    path: Path
+    kind: str              # "dpo" (prompt/chosen/rejected) or "kto" (prompt/completion/label)
+    train: list[dict]
+    heldout: list[dict]
+
+
+def read_preferences(path: str | Path) -> PreferenceData:
+    """The train and held-out rows of an exported file: DPO pairs or KTO examples."""
     import duckdb
 
     path = Path(path)
@@ -54,22 +85,40 @@ def read_preferences(path: str | Path) -> tuple[list[dict], list[dict], str]:
     con = duckdb.connect(":memory:")
     try:
         rel = con.sql(f"SELECT * FROM {reader}(?)", params=[str(path)])
+        columns = set(rel.columns)
+        if {"prompt", "chosen", "rejected"} <= columns:
+            kind, keep = "dpo", ["prompt", "chosen", "rejected"]
+        elif {"prompt", "completion", "label"} <= columns:
+            kind, keep = "kto", ["prompt", "completion", "label"]
+        else:
+            raise ConfigError(f"{path}: expected prompt/chosen/rejected (DPO) or prompt/completion/label (KTO) "
+                              f"columns, found {sorted(columns)}")
+        rows = [dict(zip(rel.columns, r)) for r in rel.fetchall()]
     except duckdb.Error as exc:
         raise ConfigError(f"{path}: cannot read it ({str(exc).splitlines()[0]})") from None
-    columns = set(rel.columns)
-    if {"prompt", "chosen", "rejected"} <= columns:
-        kind, keep = "dpo", ["prompt", "chosen", "rejected"]
-    elif {"prompt", "completion", "label"} <= columns:
-        kind, keep = "kto", ["prompt", "completion", "label"]
-    else:
-        raise ConfigError(f"{path}: expected prompt/chosen/rejected (DPO) or prompt/completion/label (KTO) "
-                          f"columns, found {sorted(columns)}")
-    names = rel.columns
-    rows = [dict(zip(names, r)) for r in rel.fetchall()]
-    con.close()
+    finally:
+        con.close()
     train = [{k: r[k] for k in keep} for r in rows if r.get("split", "train") != "heldout"]
     heldout = [{k: r[k] for k in keep} for r in rows if r.get("split") == "heldout"]
-    return train, heldout, kind
+    return PreferenceData(path, kind, train, heldout)
+
+
+def check_method(recipe: DPORecipe, kind: str) -> None:
+    """The data's kind must be the one the recipe asks for (any, with ``method: auto``)."""
+    if recipe.method != "auto" and recipe.method != kind:
+        raise ConfigError(f"the recipe asks for {recipe.method} but the data holds {kind} examples")
+
+
+def load_data(path: str | Path, recipe: DPORecipe, force: bool = False) -> PreferenceData:
+    """``read_preferences``, checked against the recipe: its method, and its min_pairs
+    unless ``force`` (then one training example is enough)."""
+    data = read_preferences(path)
+    check_method(recipe, data.kind)
+    needed = 1 if force else recipe.min_pairs
+    if len(data.train) < needed:
+        raise ConfigError(f"{path}: {len(data.train)} training {data.kind} examples; the recipe needs at least "
+                          f"{needed}" + ("" if force else " (min_pairs; --force trains on fewer)"))
+    return data
 
 
 def trainer_config(recipe: DPORecipe, kind: str, cuda: bool, output_dir: Path, **overrides):
@@ -81,7 +130,7 @@ def trainer_config(recipe: DPORecipe, kind: str, cuda: bool, output_dir: Path, *
         per_device_eval_batch_size=recipe.precompute_batch_size,
         beta=recipe.beta,
         max_length=recipe.max_length,
-        bf16=_switch(recipe.bf16, cuda) and cuda,
+        bf16=switch(recipe.bf16, cuda) and cuda,
         precompute_ref_log_probs=recipe.precompute_ref,
         precompute_ref_batch_size=recipe.precompute_batch_size,
     )
@@ -157,25 +206,23 @@ def _lean_dpo_class():
 
 
 def load_policy(base: str, adapter: Path, recipe: DPORecipe, cuda: bool):
-    """The base model with the adapter to continue, trainable."""
-    import torch
+    """The base model with the adapter to continue, trainable; (model, qlora)."""
     from peft import PeftModel
 
-    qlora = _switch(recipe.qlora, cuda)
-    dtype = torch.bfloat16 if _switch(recipe.bf16, cuda) and cuda else torch.float32
-    model = base_model.load_model(base, device="cuda" if cuda else "cpu", dtype=dtype, qlora=qlora)
+    model, qlora, _ = load_base(base, recipe, cuda)
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), qlora
 
 
-def choose_kind(recipe: DPORecipe, kind: str) -> str:
-    if recipe.method != "auto" and recipe.method != kind:
-        raise ConfigError(f"the recipe asks for {recipe.method} but the data holds {kind} examples")
-    return kind
+def run(persona: Persona, data: str | Path, recipe: DPORecipe, base: str,
+        force: bool = False) -> tuple[registry.AdapterVersion, dict]:
+    """Train a candidate from the persona's active adapter on a preference file; returns it
+    (registered, not active) and its metrics (everything the gate reads)."""
+    return train(persona, load_data(data, recipe, force), recipe, base)
 
 
-def run(persona: Persona, data: str | Path, recipe: DPORecipe, base: str) -> tuple[registry.AdapterVersion, dict]:
-    """Train a candidate from the persona's active adapter; returns it (registered, not active)
-    and its metrics (everything the gate reads)."""
+def train(persona: Persona, data: PreferenceData, recipe: DPORecipe,
+          base: str) -> tuple[registry.AdapterVersion, dict]:
+    """``run`` on data already read and checked (``load_data``)."""
     import torch
 
     started = time.time()
@@ -183,49 +230,46 @@ def run(persona: Persona, data: str | Path, recipe: DPORecipe, base: str) -> tup
     if active is None:
         raise ConfigError(f"{persona.name} has no active adapter to retrain (run: persona train sft --persona "
                           f"{persona.name})")
-    train_rows, heldout_rows, kind = read_preferences(data)
-    kind = choose_kind(recipe, kind)
-    if len(train_rows) < recipe.min_pairs:
-        raise ConfigError(f"{data}: {len(train_rows)} training {kind} examples; the recipe needs at least "
-                          f"{recipe.min_pairs} (min_pairs)")
     cuda = torch.cuda.is_available()
     tokenizer = base_model.load_tokenizer(base)
     model, qlora = load_policy(base, active.path, recipe, cuda)
-    console.print(f"[bold]{kind.upper()}[/] persona={persona.name} from {active.name}: {len(train_rows)} train, "
-                  f"{len(heldout_rows)} held-out examples; beta={recipe.beta} lr={recipe.learning_rate}")
-    staging = registry.staging_dir(persona.name)
-    try:
-        config = trainer_config(recipe, kind, cuda, staging / "trainer")
-        trainer = make_trainer(model, tokenizer, train_rows, config, kind)
+    console.print(f"[bold]{data.kind.upper()}[/] persona={persona.name} from {active.name}: {len(data.train)} "
+                  f"train, {len(data.heldout)} held-out examples; beta={recipe.beta} lr={recipe.learning_rate}")
+    with staged(persona.name) as staging:
+        config = trainer_config(recipe, data.kind, cuda, staging / "trainer")
+        trainer = make_trainer(model, tokenizer, data.train, config, data.kind)
         with matmul_precision(recipe.float32_matmul_precision):
             trainer.train()
-        metrics = {"kind": kind, "train_examples": len(train_rows), "heldout_examples": len(heldout_rows),
-                   "train_seconds": round(time.time() - started, 1), **_train_metrics(trainer.state.log_history)}
-        if heldout_rows:
-            from datasets import Dataset
-
-            if kind == "dpo":
-                evaluated = trainer.evaluate(Dataset.from_list(heldout_rows))
-                metrics["reward_accuracy"] = evaluated.get("eval_rewards/accuracies")
-                metrics["reward_margin"] = evaluated.get("eval_rewards/margins")
-                metrics["heldout_loss"] = evaluated.get("eval_loss")
-            else:
-                metrics.update(kto_heldout(model, tokenizer, heldout_rows, recipe.beta))
-        metrics.update(sft_losses(model, tokenizer, persona))
-        metrics["sanity_answers"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens)
-        metrics["sanity_answers_active"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens, "ref")
+        metrics = {"kind": data.kind, "train_examples": len(data.train), "heldout_examples": len(data.heldout),
+                   "train_seconds": round(time.time() - started, 1), **_train_metrics(trainer.state.log_history),
+                   **measure(trainer, model, tokenizer, persona, data, recipe)}
         shutil.rmtree(staging / "trainer", ignore_errors=True)
         model.save_pretrained(str(staging), selected_adapters=["default"])
-        _write_json(staging / "metrics.json", {**metrics, "log_history": trainer.state.log_history})
-        meta = {"kind": kind, "base_model": base, "recipe": asdict(recipe), "data_file": str(data),
+        write_json(staging / "metrics.json", {**metrics, "log_history": trainer.state.log_history})
+        meta = {"kind": data.kind, "base_model": base, "recipe": asdict(recipe), "data_file": str(data.path),
                 "metrics": {k: v for k, v in metrics.items() if not k.startswith("sanity_answers")},
-                "parent_version": active.version, "qlora": qlora,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "parent_version": active.version, "qlora": qlora, "created_at": utc_stamp()}
         version = registry.commit(persona.name, staging, meta)
-    except BaseException:
-        registry.discard(staging)
-        raise
     return version, metrics
+
+
+def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, recipe: DPORecipe) -> dict:
+    """What the gate reads: held-out rewards, persona SFT losses and the sanity answers of the
+    candidate ("default") and of the active adapter it started from ("ref")."""
+    metrics = {}
+    if data.heldout and data.kind == "dpo":
+        from datasets import Dataset
+
+        evaluated = trainer.evaluate(Dataset.from_list(data.heldout))
+        metrics["reward_accuracy"] = evaluated.get("eval_rewards/accuracies")
+        metrics["reward_margin"] = evaluated.get("eval_rewards/margins")
+        metrics["heldout_loss"] = evaluated.get("eval_loss")
+    elif data.heldout:
+        metrics.update(kto_heldout(model, tokenizer, data.heldout, recipe.beta))
+    metrics.update(sft_losses(model, tokenizer, persona))
+    metrics["sanity_answers"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens)
+    metrics["sanity_answers_active"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens, "ref")
+    return metrics
 
 
 def _train_metrics(history: list[dict]) -> dict:

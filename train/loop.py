@@ -1,10 +1,17 @@
-"""One turn of the continual loop for a persona: data, retrain, gate, promote.
+"""One turn of the continual loop for a persona: data, the training step, gate, promotion.
 
-    record = retrain("teto", gateway="http://127.0.0.1:7860")
+    record = retrain("teto", gateway="http://127.0.0.1:7860")                  # snapshot asked of the gateway
+    record = retrain("teto", gateway=url, snapshot="PERSONA_HOME/snapshots/…")   # the scheduler's runs
 
-1. Preference data from a snapshot the running gateway exports (or from the
-   store file when no gateway holds it), built by ``feedback.pairs``.
-2. A DPO (or KTO) run from the active adapter (``train.dpo``).
+The orchestration of a run, all in this module:
+
+1. Data: a snapshot of the feedback store (the one the scheduler took and
+   passed in, else one the running gateway exports, else the store file itself
+   when no gateway holds it); ``feedback.pairs`` builds the persona's DPO pairs
+   and KTO examples with the recipe's pair rules, and the chosen kind is
+   written as Parquet into the run's folder.
+2. The step: ``train.dpo.run`` (what ``persona train dpo`` runs) continues the
+   active adapter on that file and registers a candidate, not activated.
 3. The gate (``train.gate``). A rejected candidate stays on disk, not served,
    with its reasons in the run record.
 4. Promotion: the registry's pointer moves to the candidate and the gateway
@@ -12,24 +19,23 @@
    back and the run says why.
 
 Every run is recorded in the store (through the gateway's admin API while it
-runs): start, end, status, counts, metrics and versions.
+runs): start, end, status, counts, metrics and versions. Runs a dead process
+left marked as going are closed first (``feedback.runs.close_interrupted``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from rich.console import Console
 
-from feedback import pairs, settings
+from feedback import export, pairs, runs, settings
 from feedback.errors import UserError
 from train import registry
 
 console = Console(stderr=True)
-
-
-FINISHED = ("promoted", "rejected", "skipped", "failed")  # a run in any other status is still going
 
 
 def bearer(name: str) -> dict:
@@ -91,7 +97,7 @@ class GatewayClient:
     def retrain(self, persona: str, force: bool) -> dict:
         """Ask the gateway's scheduler to start a run now; returns when it started (UTC text,
         comparable with the runs' ``started_at``) and its log."""
-        asked = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        asked = runs.now()
         return {**self._post("/admin/retrain", {"persona": persona, "force": force}), "asked": asked}
 
     def wait_for_run(self, persona: str, since: str, timeout: float) -> dict:
@@ -99,27 +105,24 @@ class GatewayClient:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             time.sleep(2)
-            runs = self.http.get("/admin/runs", params={"persona": persona, "limit": 1}).json()["runs"]
-            if runs and str(runs[0]["started_at"]) >= since and runs[0]["status"] in FINISHED:
-                return runs[0]
+            last = self.http.get("/admin/runs", params={"persona": persona, "limit": 1}).json()["runs"]
+            if last and str(last[0]["started_at"]) >= since and last[0]["status"] in runs.FINISHED:
+                return last[0]
         raise UserError(f"no finished run of {persona} after {timeout:.0f} s")
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-
-
-def choose_kind(method: str, counts: dict, min_pairs: int) -> str:
-    """DPO unless the recipe says KTO, or (auto) unpaired thumbs outnumber pairs 2:1."""
+def kind_from_counts(method: str, counts: dict, min_pairs: int) -> str:
+    """The kind of a run: DPO unless the recipe says KTO, or (auto) unpaired thumbs outnumber
+    pairs 2:1 and there are too few pairs."""
     if method in ("dpo", "kto"):
         return method
     return "kto" if counts["kto"] >= 2 * max(counts["dpo"], 1) and counts["dpo"] < min_pairs else "dpo"
 
 
-def retrain(persona: str, gateway: str | None = None, force: bool = False, recipe_name: str = "dpo") -> dict:
-    from feedback.snapshot import Snapshot
-    from feedback.store import Store
-    from train import base_model, dpo, gate
+def retrain(persona: str, gateway: str | None = None, force: bool = False, recipe_name: str = "dpo",
+            snapshot: str | None = None) -> dict:
+    """One run for ``persona``; returns its record. ``snapshot``: a snapshot folder to read
+    instead of asking the gateway for one; ``force``: train below the recipe's min_pairs."""
     from train.personas import load_persona
     from train.recipes import DPORecipe, load_recipe
 
@@ -129,40 +132,66 @@ def retrain(persona: str, gateway: str | None = None, force: bool = False, recip
     if active is None:
         raise UserError(f"{persona} has no active adapter yet (run: persona train sft --persona {persona})")
     client = GatewayClient.reachable(gateway)
-    db = Snapshot.open(client.snapshot()) if client else Store.open()
+    db = open_feedback(client, snapshot)
     run_dir = settings.runs_dir() / "retrain" / f"{persona}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     run = {"id": run_dir.name, "persona": persona, "status": "running", "parent_version": active.version,
-           "started_at": _now()}
+           "started_at": runs.now()}
     try:
-        close_interrupted(persona, client, db)
-        counts = pairs.build(db, persona, pairs.PairRules(voter_cap=recipe.voter_cap,
-                                                          heldout_percent=recipe.heldout_percent),
-                             kinds=("dpo", "kto"))
-        kind = choose_kind(recipe.method, counts, recipe.min_pairs)
-        data = run_dir / f"{kind}.parquet"
-        db.execute(f"COPY pref_{kind} TO '{str(data).replace(chr(39), chr(39) * 2)}' (FORMAT parquet)")
-        run.update(kind=kind, train_examples=counts[kind])
-        console.print(f"{persona}: {counts['dpo']} DPO pairs, {counts['kto']} KTO examples -> {kind} run {run['id']}")
-        if counts[kind] < recipe.min_pairs and not force:
-            return _finish(run, client, db, "skipped", f"{counts[kind]} {kind} examples; the recipe needs "
-                                                       f"{recipe.min_pairs} (min_pairs)")
+        runs.close_interrupted(db, persona, lambda row: _record(row, client, db))
+        data, kind, examples = export_preferences(db, persona, recipe, run_dir)
+        run.update(kind=kind, train_examples=examples)
+        if examples < recipe.min_pairs and not force:  # the step's own rule (train.dpo.load_data)
+            return _finish(run, client, db, "skipped", f"{examples} training {kind} examples; the recipe "
+                                                       f"needs {recipe.min_pairs} (min_pairs)")
         _record(run, client, db)
-        try:
-            version, metrics = dpo.run(info, data, recipe, base_model.resolve())
-        except UserError as exc:
-            return _finish(run, client, db, "failed", str(exc))
-        run.update(adapter_version=version.version, train_examples=metrics["train_examples"],
-                   heldout_examples=metrics["heldout_examples"], reward_accuracy=metrics.get("reward_accuracy"),
-                   reward_margin=metrics.get("reward_margin"),
-                   metrics={k: v for k, v in metrics.items() if k != "sanity_answers"})
-        _record({**run, "status": "gating"}, client, db)
-        reasons = gate.check(metrics, recipe)
-        if reasons:
-            return _finish(run, client, db, "rejected", "; ".join(reasons))
-        return _promote(run, client, db, persona, version.version, active.version)
+        return _train_gate_promote(run, client, db, info, data, recipe, force)
     finally:
         db.close()
+
+
+def open_feedback(client: GatewayClient | None, snapshot: str | None):
+    """The feedback data of a run: the given snapshot, else a fresh one from the gateway,
+    else the store file (no gateway runs, so no process holds it)."""
+    from feedback.snapshot import Snapshot
+    from feedback.store import Store
+
+    if snapshot and client is None:  # a snapshot cannot take the run's records
+        raise UserError("a run on a snapshot records itself through the gateway, and none answers")
+    if snapshot or client:
+        return Snapshot.open(snapshot or client.snapshot())
+    return Store.open()
+
+
+def export_preferences(db, persona: str, recipe, run_dir: Path) -> tuple[Path, str, int]:
+    """Build the persona's pairs with the recipe's rules and write the run's kind as Parquet
+    (the step's input); returns (file, kind, training examples in it)."""
+    counts = pairs.build(db, persona, recipe.pair_rules(), kinds=("dpo", "kto"))
+    kind = kind_from_counts(recipe.method, counts, recipe.min_pairs)
+    data = run_dir / f"{kind}.parquet"
+    export.write_table(db, f"pref_{kind}", data)
+    train = export.count(db, f"pref_{kind}", "train")
+    console.print(f"{persona}: {counts['dpo']} DPO pairs, {counts['kto']} KTO examples -> {kind} run {run_dir.name} "
+                  f"({train} {kind} examples to train on)")
+    return data, kind, train
+
+
+def _train_gate_promote(run: dict, client, db, persona, data: Path, recipe, force: bool) -> dict:
+    from train import base_model, dpo, gate
+
+    try:
+        version, metrics = dpo.run(persona, data, recipe, base_model.resolve(), force=force)
+    except UserError as exc:
+        return _finish(run, client, db, "failed", str(exc))
+    run.update(adapter_version=version.version, train_examples=metrics["train_examples"],
+               heldout_examples=metrics["heldout_examples"], reward_accuracy=metrics.get("reward_accuracy"),
+               reward_margin=metrics.get("reward_margin"),
+               metrics={k: v for k, v in metrics.items() if k != "sanity_answers"})
+    _record({**run, "status": "gating"}, client, db)
+    reasons = gate.check(metrics, recipe)
+    if reasons:
+        return _finish(run, client, db, "rejected", "; ".join(reasons))
+    return _promote(run, client, db, persona.name, version.version, run["parent_version"])
 
 
 def _promote(run: dict, client, db, persona: str, version: int, previous: int) -> dict:
@@ -177,21 +206,6 @@ def _promote(run: dict, client, db, persona: str, version: int, previous: int) -
     return _finish(run, client, db, "promoted", f"{persona} now serves v{version}")
 
 
-INTERRUPTED = "interrupted: its process ended before the run finished; nothing was promoted"
-
-
-def close_interrupted(persona: str, client, db, message: str = INTERRUPTED) -> None:
-    """Runs of this persona still marked as going belong to a process that died (one run
-    per persona at a time): record them as failed (through the gateway when ``client``)."""
-    rows = db.query_dicts(f"SELECT * FROM training_runs WHERE persona = ? AND status NOT IN "
-                          f"({', '.join('?' for _ in FINISHED)})", [persona, *FINISHED])
-    for row in rows:
-        metrics = row.get("metrics")
-        row.update(status="failed", finished_at=_now(), message=message,
-                   metrics=json.loads(metrics) if isinstance(metrics, str) and metrics else metrics)
-        _record(row, client, db)
-
-
 def _record(run: dict, client, db) -> None:
     if client:
         client.record_run(run)
@@ -200,7 +214,7 @@ def _record(run: dict, client, db) -> None:
 
 
 def _finish(run: dict, client, db, status: str, message: str) -> dict:
-    run.update(status=status, message=message, finished_at=_now())
+    run.update(status=status, message=message, finished_at=runs.now())
     _record(run, client, db)
     colour = {"promoted": "green", "rejected": "yellow", "skipped": "yellow"}.get(status, "red")
     console.print(f"[{colour}]run {run['id']}: {status}[/] ({message})")

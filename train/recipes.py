@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from feedback.pairs import PairRules
 from train.config import ConfigError, build, read_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -31,11 +32,11 @@ class LoraSpec:
 
 
 @dataclass
-class SFTRecipe:
-    # Languages of the persona data to train on. The default CPU base model is
-    # English-only; a multilingual base model can take [en, ko].
-    languages: list[str] = field(default_factory=lambda: ["en"])
-    lora: LoraSpec = field(default_factory=LoraSpec)
+class TrainingRecipe:
+    """The fields every training recipe has, read the same way by both trainers
+    (``train/trainer_common.py``). The defaults are SFT's; a recipe whose default differs
+    re-declares the field (``DPORecipe``: learning_rate, batch_size)."""
+
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     learning_rate: float = 2e-4
@@ -43,8 +44,7 @@ class SFTRecipe:
     warmup_ratio: float = 0.05
     batch_size: int = 8
     grad_accum: int = 1
-    max_length: int = 384  # longer examples are dropped, never cut mid-answer
-    weight_decay: float = 0.0
+    max_length: int = 384  # SFT: longer examples are dropped, never cut mid-answer
     seed: int = 0
     # QLoRA (bitsandbytes nf4, double quantization): "auto" turns it on only on CUDA.
     qlora: Literal["auto", "on", "off"] = "auto"
@@ -57,6 +57,16 @@ class SFTRecipe:
     # weights stay fp32 (about 1.3x per step here; `persona bench sft`). Evaluation always runs
     # at "highest".
     float32_matmul_precision: Literal["highest", "high", "medium"] = "medium"
+    logging_steps: int = 5
+
+
+@dataclass
+class SFTRecipe(TrainingRecipe):
+    # Languages of the persona data to train on. The default CPU base model is
+    # English-only; a multilingual base model can take [en, ko].
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    weight_decay: float = 0.0
     # Padding-free batches: a batch's dialogues are concatenated into one row
     # with restarting position ids (no compute spent on padding; measured 1.4x
     # on the CPU). Needs SDPA or flash attention, whose masks keep the
@@ -64,36 +74,24 @@ class SFTRecipe:
     padding_free: bool = True
     # Without padding-free, samples of similar length share a batch instead.
     group_by_length: bool = False
-    logging_steps: int = 5
 
 
 @dataclass
-class DPORecipe:
+class DPORecipe(TrainingRecipe):
     """Preference retraining of a persona's active adapter (continued, with the active
-    adapter frozen as the reference), and the gate its candidate must pass."""
+    adapter frozen as the reference), the pair rules of its data, and the gate its
+    candidate must pass."""
 
+    learning_rate: float = 5e-5
+    batch_size: int = 4
     # dpo: pairs; kto: unpaired thumbs; auto: kto when unpaired examples outnumber pairs 2:1
     method: Literal["auto", "dpo", "kto"] = "auto"
     beta: float = 0.1
     loss_type: str = "sigmoid"
-    epochs: float = 1.0
-    max_steps: int = -1
-    learning_rate: float = 5e-5
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.05
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 384
-    seed: int = 0
-    qlora: Literal["auto", "on", "off"] = "auto"
-    bf16: Literal["auto", "on", "off"] = "auto"
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    float32_matmul_precision: Literal["highest", "high", "medium"] = "medium"
     # Reference log-probs computed once, before training, in no-grad batches of this size:
     # each step is then one forward and one backward of the policy only.
     precompute_ref: bool = True
     precompute_batch_size: int = 16
-    logging_steps: int = 5
     # ---- the data and the gate ----
     heldout_percent: int = 10             # share of prompt contexts held out to judge the candidate
     voter_cap: float = 200.0              # the most weight one voter's votes carry, all together
@@ -101,6 +99,10 @@ class DPORecipe:
     min_reward_accuracy: float = 0.55     # held-out implicit reward accuracy the candidate must reach
     max_sft_nll_increase: float = 0.10    # relative rise of held-out persona SFT loss allowed
     sanity_max_tokens: int = 48           # answers to the fixed prompt set
+
+    def pair_rules(self) -> PairRules:
+        """The pair builder's rules for this recipe's data (the loop and the scheduler's count)."""
+        return PairRules(voter_cap=self.voter_cap, heldout_percent=self.heldout_percent)
 
 
 def recipe_path(name_or_path: str) -> Path:

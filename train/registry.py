@@ -26,6 +26,7 @@ from pathlib import Path
 
 from feedback import settings
 from feedback.errors import UserError
+from feedback.naming import engine_name
 
 VERSION_RE = re.compile(r"^v(\d+)$")
 
@@ -44,7 +45,7 @@ class AdapterVersion:
     @property
     def name(self) -> str:
         """The name engines serve it under, e.g. ``teto-v3`` (never reused)."""
-        return f"{self.persona}-v{self.version}"
+        return engine_name(self.persona, self.version)
 
 
 def root() -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,21 +26,16 @@ from train.config import ConfigError
 from train.data import data_hash, load_files
 from train.evaluate import mean_nll, tokenize_examples
 from train.personas import Persona, load_persona
-from train.recipes import SFTRecipe, load_recipe, override
+from train.recipes import SFTRecipe, load_recipe
+from train.trainer_common import (add_common_arguments, apply_arguments, load_base, matmul_precision,
+                                  schedule_fields, staged, utc_stamp, write_json)
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--persona", required=True, help="persona name, e.g. teto")
-    parser.add_argument("--recipe", help="recipe name or YAML path (default: the persona's recipe)")
-    parser.add_argument("--qlora", action="store_true", default=None,
-                        help="load the base model in 4-bit nf4 with double quantization (QLoRA)")
-    parser.add_argument("--base-model", help="base model folder or hub id (default: PERSONA_BASE_MODEL)")
-    parser.add_argument("--epochs", type=float, help="override the recipe's epochs")
-    parser.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
-    parser.add_argument("--learning-rate", type=float, help="override the recipe's learning_rate")
+    add_common_arguments(parser, "recipe name or YAML path (default: the persona's recipe)")
     parser.add_argument("--languages", help="comma-separated languages to train on, e.g. en,ko")
     parser.add_argument("--no-activate", dest="activate", action="store_false",
                         help="register the adapter without making it the persona's active version")
@@ -49,21 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> registry.AdapterVersion:
     persona = load_persona(args.persona)
-    recipe = load_recipe(args.recipe or persona.recipe)
-    recipe = override(
-        recipe,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        languages=args.languages.split(",") if args.languages else None,
-        qlora="on" if args.qlora else None,
-    )
+    recipe = apply_arguments(load_recipe(args.recipe or persona.recipe), args,
+                             languages=args.languages.split(",") if args.languages else None)
     base = base_model.resolve(args.base_model)
     return run(persona, recipe, base, activate=args.activate)
-
-
-def _switch(value: str, cuda: bool) -> bool:
-    return value == "on" or (value == "auto" and cuda)
 
 
 def run(persona: Persona, recipe: SFTRecipe, base: str, activate: bool = True) -> registry.AdapterVersion:
@@ -72,10 +55,6 @@ def run(persona: Persona, recipe: SFTRecipe, base: str, activate: bool = True) -
 
     started = time.time()
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    qlora = _switch(recipe.qlora, cuda)
-    bf16 = _switch(recipe.bf16, cuda) and cuda
-
     tokenizer = base_model.load_tokenizer(base)
     train_files = [(persona.resolve(f.path), f.language) for f in persona.files("train", recipe.languages)]
     heldout_files = [(persona.resolve(f.path), f.language) for f in persona.files("heldout", recipe.languages)]
@@ -90,26 +69,24 @@ def run(persona: Persona, recipe: SFTRecipe, base: str, activate: bool = True) -
         raise ConfigError(f"persona {persona.name}: all {len(train_tok)} training dialogues are longer than "
                           f"the recipe's max_length={recipe.max_length} tokens")
     heldout_tok = tokenize_examples(tokenizer, heldout_examples, persona.system_prompt)
+    model, qlora, bf16 = load_base(base, recipe, cuda)
     console.print(
-        f"[bold]SFT[/] persona={persona.name} base={base} device={device} qlora={qlora} bf16={bf16}\n"
+        f"[bold]SFT[/] persona={persona.name} base={base} device={'cuda' if cuda else 'cpu'} qlora={qlora} "
+        f"bf16={bf16}\n"
         f"  train: {len(kept)} dialogues, {sum(len(t.input_ids) for t in kept)} tokens"
         f" ({dropped} longer than max_length={recipe.max_length} skipped); "
         f"held-out: {len(heldout_tok)} prompts; languages={recipe.languages}"
     )
-
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    model = base_model.load_model(base, device=device, dtype=dtype, qlora=qlora)
     pad_id = tokenizer.pad_token_id
     base_eval = mean_nll(model, heldout_tok, pad_id) if heldout_tok else None
 
     model = attach_lora(model, recipe, qlora)
-    staging = registry.staging_dir(persona.name)
-    try:
+    with staged(persona.name) as staging:  # nothing half-written is ever registered
         history = train_lora(model, tokenizer, kept, recipe, bf16, cuda, staging)
         adapter_eval = mean_nll(model, heldout_tok, pad_id) if heldout_tok else None
         model.save_pretrained(staging)
         metrics = _metrics(history, base_eval, adapter_eval, len(kept), dropped, time.time() - started)
-        _write_json(staging / "metrics.json", metrics)
+        write_json(staging / "metrics.json", metrics)
         meta = {
             "kind": "sft",
             "base_model": base,
@@ -118,13 +95,10 @@ def run(persona: Persona, recipe: SFTRecipe, base: str, activate: bool = True) -
             "data_files": [str(p.relative_to(persona.resolve("."))) for p, _ in train_files],
             "metrics": {k: v for k, v in metrics.items() if k != "loss_curve"},
             "parent_version": None,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created_at": utc_stamp(),
             "qlora": qlora,
         }
         version = registry.commit(persona.name, staging, meta)
-    except BaseException:
-        registry.discard(staging)  # nothing half-written is ever registered
-        raise
     if activate:
         registry.set_active(persona.name, version.version, reason="sft")
     _report(version, metrics, activate)
@@ -169,27 +143,6 @@ def sft_config(recipe: SFTRecipe, bf16: bool, cuda: bool, output_dir: Path, **ov
     return SFTConfig(**fields)
 
 
-def schedule_fields(recipe, cuda: bool, output_dir: Path) -> dict:
-    """The TrainingArguments fields every recipe (SFT, DPO/KTO) sets the same way."""
-    return dict(
-        output_dir=str(output_dir),
-        num_train_epochs=recipe.epochs,
-        max_steps=recipe.max_steps,
-        per_device_train_batch_size=recipe.batch_size,
-        gradient_accumulation_steps=recipe.grad_accum,
-        learning_rate=recipe.learning_rate,
-        lr_scheduler_type=recipe.lr_scheduler,
-        warmup_steps=recipe.warmup_ratio,  # a float below 1 is a ratio of total steps
-        seed=recipe.seed,
-        gradient_checkpointing=_switch(recipe.gradient_checkpointing, cuda),
-        use_cpu=not cuda,
-        logging_steps=recipe.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        dataloader_num_workers=0,
-    )
-
-
 def make_trainer(model, tokenizer, tokenized, config, lean_loss: bool = True):
     """An SFTTrainer over pre-tokenized dialogues (input ids + assistant-only labels)."""
     from datasets import Dataset
@@ -204,19 +157,6 @@ def make_trainer(model, tokenizer, tokenized, config, lean_loss: bool = True):
     model.config.use_cache = False
     cls = _lean_trainer_class() if lean_loss else SFTTrainer
     return cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-
-
-@contextmanager
-def matmul_precision(value: str):
-    """Set torch's float32 matmul precision for the duration of a block."""
-    import torch
-
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(value)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def train_lora(model, tokenizer, tokenized, recipe: SFTRecipe, bf16: bool, cuda: bool, staging: Path) -> list[dict]:
@@ -290,12 +230,6 @@ def _metrics(history, base_eval, adapter_eval, n_train, n_dropped, seconds) -> d
             "heldout_examples": adapter_eval["examples"],
         })
     return metrics
-
-
-def _write_json(path: Path, data: dict) -> None:
-    import json
-
-    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 def _report(version: registry.AdapterVersion, metrics: dict, activate: bool) -> None:

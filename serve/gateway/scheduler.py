@@ -1,9 +1,18 @@
 """The retrain scheduler inside the gateway: when a persona has gathered enough new
-preference pairs (and its last run is at least ``interval`` ago), start a run.
+preference pairs (counted with the recipe's own pair rules) and its last run is at
+least ``interval`` ago, it starts a run.
 
-A run is a subprocess (``persona retrain --here``) at lower CPU priority, so
-serving keeps going; it talks to this gateway over HTTP (snapshot, run
-records, hot swap) like any other client. One run per persona at a time.
+A run is one task here, which owns it from start to end: the gateway exports a
+snapshot of its store (in a thread; this process owns the store), then starts
+``persona retrain --here --snapshot DIR --gateway URL`` at lower CPU priority, so
+serving keeps going. That process (``train/loop.py``) builds the pairs from the
+snapshot, runs the training step and the gate, and records the run and asks for
+the hot swap over this gateway's admin API. A process that exits with an error
+cannot record its own end, so the task records it as failed. One run per persona at
+a time.
+
+serve does not import train: the CLI root (``serve/cli_up.py``) reads the recipe and
+hands in its pair rules.
 """
 
 from __future__ import annotations
@@ -14,13 +23,15 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from feedback import pairs
-from serve.gateway.core import GatewayError
+from feedback import pairs, runs
+from feedback.errors import APIError
 
 log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0  # how often a run's task looks at its process (works with any event loop)
 
 
 @dataclass
@@ -32,12 +43,13 @@ class ScheduleConfig:
     gateway_url: str = "http://127.0.0.1:7860"
     log_dir: Path = Path(".")
     recipe: str = "dpo"           # preference recipe of the runs
+    rules: pairs.PairRules = field(default_factory=pairs.PairRules)  # that recipe's pair rules
 
 
 class Scheduler:
     def __init__(self, gateway, config: ScheduleConfig):
         self.gateway, self.config = gateway, config
-        self.running: dict[str, subprocess.Popen] = {}
+        self.running: dict[str, asyncio.Task] = {}
         self.last_start: dict[str, float] = {}
         self._task: asyncio.Task | None = None
 
@@ -48,9 +60,9 @@ class Scheduler:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-        for proc in self.running.values():
-            if proc.poll() is None:
-                proc.terminate()
+        for task in self.running.values():
+            task.cancel()  # the task terminates its process
+        await asyncio.gather(*self.running.values(), return_exceptions=True)
 
     async def _loop(self) -> None:
         while True:
@@ -61,24 +73,10 @@ class Scheduler:
                 log.exception("retrain check failed")
 
     def busy(self, persona: str) -> bool:
-        proc = self.running.get(persona)
-        return proc is not None and proc.poll() is None
-
-    def reap(self) -> None:
-        """A run process that died (crash, kill) cannot record its own end: record it failed."""
-        from train.loop import INTERRUPTED, close_interrupted
-
-        for persona, proc in list(self.running.items()):
-            code = proc.poll()
-            if code is None:
-                continue
-            del self.running[persona]
-            if code != 0:
-                log.warning("the retrain of %s exited with code %s", persona, code)
-                close_interrupted(persona, None, self.gateway.store, f"{INTERRUPTED} (exit code {code})")
+        task = self.running.get(persona)
+        return task is not None and not task.done()
 
     async def tick(self) -> list[str]:
-        self.reap()
         started = []
         for target in self.gateway.catalog.active_targets():
             persona = target.persona
@@ -92,25 +90,46 @@ class Scheduler:
         return started
 
     def new_pairs(self, persona: str) -> int:
-        """DPO pairs now, less those the persona's last finished run had."""
+        """DPO pairs now (by the recipe's rules), less those the persona's last run had."""
         store = self.gateway.store
-        now = pairs.build(store, persona, kinds=("dpo",))["dpo"]
-        used = store.query("SELECT coalesce(train_examples, 0) + coalesce(heldout_examples, 0) FROM training_runs "
-                           "WHERE persona = ? AND kind = 'dpo' AND status IN ('promoted', 'rejected', 'failed') "
-                           "ORDER BY started_at DESC LIMIT 1", [persona])
-        return now - (used[0][0] if used else 0)
+        now = pairs.build(store, persona, self.config.rules, kinds=("dpo",))["dpo"]
+        return now - runs.examples_of_last_run(store, persona, "dpo")
 
     def launch(self, persona: str, force: bool = False) -> dict:
+        """Start a run of ``persona`` (called in the event loop); answers at once, with its log."""
         if persona not in self.gateway.catalog.personas:
-            raise GatewayError(404, f"No persona {persona!r}.", param="persona")
+            raise APIError(404, f"No persona {persona!r}.", param="persona")
         if self.busy(persona):
-            raise GatewayError(409, f"A retrain of {persona} is already running.", param="persona")
+            raise APIError(409, f"A retrain of {persona} is already running.", param="persona")
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.config.log_dir / f"retrain-{persona}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        cmd = [sys.executable, "-m", "serve.cli", "retrain", "--persona", persona, "--here",
-               "--gateway", self.config.gateway_url, "--recipe", self.config.recipe] + (["--force"] if force else [])
-        with open(log_path, "ab") as out:
-            self.running[persona] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                                     stdin=subprocess.DEVNULL, preexec_fn=lambda: os.nice(10))
+        self.running[persona] = asyncio.create_task(self._run(persona, force, log_path))
         self.last_start[persona] = time.monotonic()
         return {"persona": persona, "status": "started", "log": str(log_path)}
+
+    def command(self, persona: str, force: bool, snapshot: str) -> list[str]:
+        return [sys.executable, "-m", "serve.cli", "retrain", "--persona", persona, "--here", "--snapshot", snapshot,
+                "--gateway", self.config.gateway_url, "--recipe", self.config.recipe] + (["--force"] if force else [])
+
+    async def _run(self, persona: str, force: bool, log_path: Path) -> int | None:
+        """One run: the snapshot, the run process on it, and its end when the process failed."""
+        try:
+            snapshot = await asyncio.to_thread(self.gateway.snapshot)
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(self.command(persona, force, snapshot), stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, preexec_fn=lambda: os.nice(10))
+        except Exception:  # noqa: BLE001 - no run process, so nothing to record; say why in the log
+            log.exception("the retrain of %s could not start", persona)
+            return None
+        try:
+            while (code := proc.poll()) is None:
+                await asyncio.sleep(POLL_SECONDS)
+        except asyncio.CancelledError:  # the gateway stops, and so does its run
+            proc.terminate()
+            raise
+        if code != 0:
+            log.warning("the retrain of %s exited with code %s", persona, code)
+            store = self.gateway.store
+            await asyncio.to_thread(runs.close_interrupted, store, persona, store.record_run,
+                                    f"{runs.INTERRUPTED} (exit code {code})")
+        return code

@@ -1,0 +1,50 @@
+"""Training-run records (the store's ``training_runs`` table): the rules every process
+that reads or writes them shares, written once.
+
+* ``close_interrupted``: runs of a persona still marked as going belong to a process
+  that died (there is one run per persona at a time), so they are recorded as failed.
+  The retrain loop (``train/loop.py``) does it before each run; the gateway's scheduler
+  does it when a run process exits with an error.
+* ``examples_of_last_run``: the pairs the persona's last finished run had, so the
+  scheduler counts only the new ones.
+
+Both read the live store or a snapshot; ``record`` says where a record goes (the
+store's ``record_run`` in the gateway process, the gateway's API from another one).
+
+    close_interrupted(store, "teto", store.record_run)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+FINISHED = ("promoted", "rejected", "skipped", "failed")  # a run in any other status is still going
+INTERRUPTED = "interrupted: its process ended before the run finished; nothing was promoted"
+
+
+def now() -> str:
+    """UTC now as text: the form of ``started_at`` and ``finished_at`` (comparable as text)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
+
+def close_interrupted(db, persona: str, record: Callable[[dict], None], message: str = INTERRUPTED) -> int:
+    """Record as failed every run of ``persona`` still marked as going; returns how many."""
+    rows = db.query_dicts(f"SELECT * FROM training_runs WHERE persona = ? AND status NOT IN "
+                          f"({', '.join('?' for _ in FINISHED)})", [persona, *FINISHED])
+    for row in rows:
+        metrics = row.get("metrics")
+        row.update(status="failed", finished_at=now(), message=message,
+                   metrics=json.loads(metrics) if isinstance(metrics, str) and metrics else metrics)
+        record(row)
+    return len(rows)
+
+
+def examples_of_last_run(db, persona: str, kind: str = "dpo") -> int:
+    """Training plus held-out examples of the persona's last ``kind`` run that trained
+    (skipped runs trained nothing, so their pairs are still new)."""
+    rows = db.query("SELECT coalesce(train_examples, 0) + coalesce(heldout_examples, 0) FROM training_runs "
+                    "WHERE persona = ? AND kind = ? AND status IN ('promoted', 'rejected', 'failed') "
+                    "ORDER BY started_at DESC LIMIT 1", [persona, kind])
+    return rows[0][0] if rows else 0
