@@ -98,4 +98,26 @@ MIGRATIONS: list[tuple[str, str]] = [
             message          VARCHAR                  -- why it was rejected or failed
         )
     """),
+    ("0007_voters", """
+        -- Who voted, apart from whom a turn was served to (client: the owner a vote is checked
+        -- against). A voter is an API key's fingerprint, a UI login (user:NAME), or, without
+        -- logins, every browser session together as the one voter 'ui'. Older rows: the client.
+        ALTER TABLE turns ADD COLUMN voter VARCHAR;
+        UPDATE turns SET voter = client;
+        -- True when the caller sent its own system prompt instead of the persona's: such turns
+        -- are not the persona speaking, and stay out of its preference data by default.
+        ALTER TABLE turns ADD COLUMN own_system_prompt BOOLEAN DEFAULT false;
+        UPDATE turns SET own_system_prompt = false;
+        ALTER TABLE votes ADD COLUMN voter VARCHAR;
+        UPDATE votes SET voter = client;
+        ALTER TABLE comparisons ADD COLUMN voter VARCHAR;
+        UPDATE comparisons SET voter = client;
+        -- A voter's latest verdict on two turns is the one that counts (like current_votes).
+        CREATE VIEW current_comparisons AS
+            SELECT * EXCLUDE (rn) FROM (
+                SELECT *, row_number() OVER (PARTITION BY least(turn_a, turn_b), greatest(turn_a, turn_b), voter
+                                             ORDER BY created_at DESC) AS rn
+                FROM comparisons)
+            WHERE rn = 1;
+    """),
 ]

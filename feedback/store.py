@@ -59,6 +59,8 @@ class Turn:
     engine: str | None = None
     status: str = "ok"
     created_at: datetime = field(default_factory=utc_now)
+    voter: str | None = None               # the caller as a voter (default: the client)
+    own_system_prompt: bool = False        # the caller replaced the persona's system prompt
 
 
 _JSON_FIELDS = ("messages", "answers", "finish_reasons", "sampling")
@@ -151,6 +153,7 @@ class Store(Reads):
     # ---- turns --------------------------------------------------------------------------
     def add_turn(self, turn: Turn) -> None:
         row = asdict(turn)
+        row["voter"] = row["voter"] or row["client"]
         for key in _JSON_FIELDS:
             row[key] = json.dumps(row[key], ensure_ascii=False)
         columns = list(row)
@@ -245,4 +248,5 @@ class Store(Reads):
         return folder
 
 
-SNAPSHOT_TABLES = ("turns", "votes", "current_votes", "comparisons", "adapters", "training_runs")
+SNAPSHOT_TABLES = ("turns", "votes", "current_votes", "comparisons", "current_comparisons", "adapters",
+                   "training_runs")

@@ -5,6 +5,11 @@ it was served to, the answer index exists, and compared turns share the same
 prompt context. A refused vote changes nothing and raises ``APIError`` with the
 HTTP status the gateway answers with.
 
+A vote counts for the turn's voter (``turns.voter``: the API key, or the UI
+login, or ``ui``), recorded with it. Posting the same thumb on the same answer
+again, or the same verdict on the same two turns, changes nothing: only a
+changed vote is a new row (the latest one counts).
+
     from feedback.votes import record_vote, record_comparison
     record_vote(store, turn_id, "up", client="key:ab12...", reason="helpful")
 """
@@ -22,15 +27,15 @@ CHOICES = ("a", "b", "tie", "both_bad")
 MAX_REASON, MAX_COMMENT = 200, 2000
 
 
-def _own_turn(store: Store, turn_id: str, client: str, param: str) -> tuple[int, str]:
-    """(number of answers, messages JSON) of a turn served to ``client``."""
-    rows = store.query("SELECT client, json_array_length(answers), messages FROM turns WHERE id = ?", [turn_id])
+def _own_turn(store: Store, turn_id: str, client: str, param: str) -> tuple[str, str]:
+    """(voter, messages JSON) of a turn served to ``client``."""
+    rows = store.query("SELECT client, voter, messages FROM turns WHERE id = ?", [turn_id])
     if not rows:
         raise APIError(404, f"No turn with id {turn_id!r}.", param)
-    owner, answers, messages = rows[0]
+    owner, voter, messages = rows[0]
     if owner != client:
         raise APIError(403, f"Turn {turn_id!r} was not served to this key or session.", param)
-    return answers, messages
+    return voter or owner, messages
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ def _check(v: Vote, owners: dict) -> None:
             raise APIError(400, f"{name} is {len(value)} characters; the limit is {limit}.", name)
     if v.turn_id not in owners:
         raise APIError(404, f"No turn with id {v.turn_id!r}.", "turn_id")
-    owner, answers = owners[v.turn_id]
+    owner, answers, _ = owners[v.turn_id]
     if owner != v.client:
         raise APIError(403, f"Turn {v.turn_id!r} was not served to this key or session.", "turn_id")
     if not 0 <= v.choice_index < answers:
@@ -64,10 +69,15 @@ def record_votes(store: Store, votes: list[Vote]) -> list[str | APIError]:
     """Check and write many votes with one lookup and one insert (a group commit); each
     result is what happened to that vote, or why it was refused. Refused votes write nothing.
 
-    Votes are appended: a change or a retraction is a new row, so the history stays."""
+    Votes are appended: a change or a retraction is a new row, so the history stays; a
+    vote equal to the one that counts now is ``unchanged`` and writes nothing."""
     ids = sorted({v.turn_id for v in votes})
-    owners = {tid: (client, n) for tid, client, n in store.query(
-        "SELECT id, client, json_array_length(answers) FROM turns WHERE id IN (SELECT unnest(?))", [ids])}
+    owners = {tid: (client, n, voter) for tid, client, n, voter in store.query(
+        "SELECT id, client, json_array_length(answers), coalesce(voter, client) FROM turns "
+        "WHERE id IN (SELECT unnest(?))", [ids])}
+    current = {(t, i, c): (vote, reason) for t, i, c, vote, reason in store.query(
+        "SELECT turn_id, choice_index, client, vote, reason FROM current_votes WHERE turn_id IN (SELECT unnest(?))",
+        [ids])}
     results: list[str | APIError] = []
     rows = []
     for v in votes:
@@ -76,18 +86,24 @@ def record_votes(store: Store, votes: list[Vote]) -> list[str | APIError]:
         except APIError as exc:
             results.append(exc)
             continue
-        if v.vote == "retract":
-            current = store.query("SELECT vote FROM current_votes WHERE turn_id = ? AND choice_index = ? "
-                                  "AND client = ?", [v.turn_id, v.choice_index, v.client])
-            pending = [r for r in rows if r[:3] == [v.turn_id, v.choice_index, v.client]]
-            if (pending and pending[-1][3] == "retract") or (not pending and not current):
-                results.append("nothing to retract")
-                continue
-        rows.append([v.turn_id, v.choice_index, v.client, v.vote, v.reason, v.comment, v.user_name, utc_now()])
+        key = (v.turn_id, v.choice_index, v.client)
+        now = current.get(key)  # what counts, this batch's earlier votes included
+        if v.vote == "retract" and now is None:
+            results.append("nothing to retract")
+            continue
+        if now is not None and now == (v.vote, v.reason):
+            results.append("unchanged")
+            continue
+        current[key] = None if v.vote == "retract" else (v.vote, v.reason)
+        if current[key] is None:
+            del current[key]
+        rows.append([v.turn_id, v.choice_index, v.client, v.vote, v.reason, v.comment, v.user_name, utc_now(),
+                     owners[v.turn_id][2]])
         results.append("retracted" if v.vote == "retract" else "recorded")
     if rows:
         columns = list(zip(*rows))
-        store.execute("INSERT INTO votes SELECT unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), "
+        store.execute("INSERT INTO votes (turn_id, choice_index, client, vote, reason, comment, user_name, created_at, "
+                      "voter) SELECT unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), unnest(?), "
                       "unnest(?), unnest(?)", [list(c) for c in columns])
     return results
 
@@ -110,13 +126,33 @@ def record_comparison(store: Store, turn_a: str, turn_b: str, choice: str, left:
         raise APIError(400, f"left must be 'a' or 'b' (the answer shown on the left), not {left!r}.", "left")
     if turn_a == turn_b:
         raise APIError(400, "turn_a and turn_b are the same turn.", "turn_b")
-    _, a_messages = _own_turn(store, turn_a, client, "turn_a")
+    voter, a_messages = _own_turn(store, turn_a, client, "turn_a")
     _, b_messages = _own_turn(store, turn_b, client, "turn_b")
     if a_messages != b_messages:
         raise APIError(400, "turn_a and turn_b answer different prompt contexts; only answers to the "
                             "same messages can be compared.", "turn_b")
+    same = _same_verdict(store, turn_a, turn_b, choice, voter)
+    if same is not None:
+        return same
     comparison_id = f"cmp-{uuid.uuid4().hex}"
-    store.execute("INSERT INTO comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    store.execute("INSERT INTO comparisons (id, turn_a, turn_b, choice, left_turn, client, user_name, created_at, "
+                  "voter) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                   [comparison_id, turn_a, turn_b, choice, turn_a if left == "a" else turn_b, client, user_name,
-                   utc_now()])
+                   utc_now(), voter])
     return comparison_id
+
+
+def _verdict(turn_a: str, turn_b: str, choice: str) -> str:
+    """A comparison's verdict whichever order its turns were given in: the winner's id, or the choice."""
+    return {"a": turn_a, "b": turn_b}.get(choice, choice)
+
+
+def _same_verdict(store: Store, turn_a: str, turn_b: str, choice: str, voter: str) -> str | None:
+    """The id of this voter's comparison of these two turns that counts now, when it says the
+    same as ``choice`` (so posting it again changes nothing)."""
+    rows = store.query("SELECT id, turn_a, turn_b, choice FROM current_comparisons WHERE voter = ? "
+                       "AND least(turn_a, turn_b) = least(?, ?) AND greatest(turn_a, turn_b) = greatest(?, ?)",
+                       [voter, turn_a, turn_b, turn_a, turn_b])
+    if rows and _verdict(*rows[0][1:]) == _verdict(turn_a, turn_b, choice):
+        return rows[0][0]
+    return None

@@ -90,6 +90,35 @@ def test_comparison_keeps_left_right_order(store):
         ("t1", "t2", "b", "t2")]
 
 
+def test_the_same_vote_again_changes_nothing(store):
+    """One voter posting the same thumb (or the same verdict on the same two turns, in either
+    order) many times stores it once; a changed verdict is a new row and the latest counts."""
+    store.add_turn(turn("t1"))
+    store.add_turn(turn("t2", answers=("another",)))
+    assert record_vote(store, "t1", "up", "key:a") == "recorded"
+    assert [record_vote(store, "t1", "up", "key:a") for _ in range(29)] == ["unchanged"] * 29
+    assert record_vote(store, "t1", "up", "key:a", reason="helpful") == "recorded"  # a new reason is a change
+    first = record_comparison(store, "t1", "t2", "a", left="a", client="key:a")
+    again = [record_comparison(store, "t1", "t2", "a", left="b", client="key:a") for _ in range(29)]
+    swapped = record_comparison(store, "t2", "t1", "b", left="a", client="key:a")  # t1 wins again
+    assert set(again) == {first} and swapped == first
+    assert counts(store) == (2, 1)
+    changed = record_comparison(store, "t1", "t2", "b", left="a", client="key:a")
+    assert changed != first and counts(store) == (2, 2)
+    assert store.query("SELECT id, choice FROM current_comparisons") == [(changed, "b")]
+
+
+def test_votes_count_for_the_turns_voter(store):
+    """A UI session owns its turns (client) but votes as its login (voter)."""
+    store.add_turn(Turn(**{**turn("t1", client="ui:session-1").__dict__, "voter": "user:ana"}))
+    store.add_turn(turn("t2", client="ui:session-1", answers=("another",)))
+    record_vote(store, "t1", "up", "ui:session-1")
+    record_comparison(store, "t1", "t2", "a", left="a", client="ui:session-1")
+    assert store.query("SELECT voter FROM votes") == [("user:ana",)]
+    assert store.query("SELECT voter FROM comparisons") == [("user:ana",)]
+    assert store.query("SELECT voter FROM turns WHERE id = 't2'") == [("ui:session-1",)]  # default: the client
+
+
 def test_concurrent_votes_all_land(store):
     for i in range(200):
         store.add_turn(turn(f"t{i}"))
