@@ -65,6 +65,17 @@ def _check(v: Vote, owners: dict) -> None:
                             f"choice_index {v.choice_index} does not exist.", "choice_index")
 
 
+def _current(store: Store, turn_ids: list[str]) -> dict[tuple, tuple]:
+    """(turn, answer, client) -> (vote, reason) that counts now, for these turns. Read from the
+    votes table with a plain filter (the current_votes view would rank every vote first)."""
+    current: dict[tuple, tuple] = {}
+    for t, i, c, vote, reason in store.query(
+            "SELECT turn_id, choice_index, client, vote, reason FROM votes WHERE turn_id IN (SELECT unnest(?)) "
+            "ORDER BY created_at", [turn_ids]):
+        current[t, i, c] = (vote, reason)
+    return {k: v for k, v in current.items() if v[0] != "retract"}
+
+
 def record_votes(store: Store, votes: list[Vote]) -> list[str | APIError]:
     """Check and write many votes with one lookup and one insert (a group commit); each
     result is what happened to that vote, or why it was refused. Refused votes write nothing.
@@ -75,9 +86,7 @@ def record_votes(store: Store, votes: list[Vote]) -> list[str | APIError]:
     owners = {tid: (client, n, voter) for tid, client, n, voter in store.query(
         "SELECT id, client, json_array_length(answers), coalesce(voter, client) FROM turns "
         "WHERE id IN (SELECT unnest(?))", [ids])}
-    current = {(t, i, c): (vote, reason) for t, i, c, vote, reason in store.query(
-        "SELECT turn_id, choice_index, client, vote, reason FROM current_votes WHERE turn_id IN (SELECT unnest(?))",
-        [ids])}
+    current = _current(store, ids)
     results: list[str | APIError] = []
     rows = []
     for v in votes:
@@ -150,9 +159,9 @@ def _verdict(turn_a: str, turn_b: str, choice: str) -> str:
 def _same_verdict(store: Store, turn_a: str, turn_b: str, choice: str, voter: str) -> str | None:
     """The id of this voter's comparison of these two turns that counts now, when it says the
     same as ``choice`` (so posting it again changes nothing)."""
-    rows = store.query("SELECT id, turn_a, turn_b, choice FROM current_comparisons WHERE voter = ? "
-                       "AND least(turn_a, turn_b) = least(?, ?) AND greatest(turn_a, turn_b) = greatest(?, ?)",
-                       [voter, turn_a, turn_b, turn_a, turn_b])
+    rows = store.query("SELECT id, turn_a, turn_b, choice FROM comparisons WHERE voter = ? "
+                       "AND least(turn_a, turn_b) = least(?, ?) AND greatest(turn_a, turn_b) = greatest(?, ?) "
+                       "ORDER BY created_at DESC LIMIT 1", [voter, turn_a, turn_b, turn_a, turn_b])
     if rows and _verdict(*rows[0][1:]) == _verdict(turn_a, turn_b, choice):
         return rows[0][0]
     return None
