@@ -65,6 +65,14 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _count(value: str) -> int:
+    # A whole number, 0 or more (0 turns the limit off).
+    number = int(value)
+    if number < 0:
+        raise ValueError("expected 0 or more")
+    return number
+
+
 def _keys(value: str) -> tuple[str, ...]:
     # Several keys may be given, separated by commas, so keys can be rotated.
     return tuple(k.strip() for k in value.split(",") if k.strip())
@@ -104,6 +112,12 @@ VARIABLES: dict[str, Var] = {
         Var("PERSONA_UI_USERS", _users, lambda: (),
             "Comma-separated user:password logins for the browser UI; none means no login, loopback only.",
             secret=True),
+        # Vote quotas per voter (an API key, a UI login, or the UI's one voter `ui`): they
+        # bound how fast one voter can fill the store with votes the loop then trains on.
+        Var("PERSONA_VOTE_QUOTA_MINUTE", _count, lambda: 120,
+            "Most votes (thumbs and side by side) one voter may cast in a minute; more get 429; 0 = no limit."),
+        Var("PERSONA_VOTE_QUOTA_DAY", _count, lambda: 2000,
+            "Most votes one voter may cast in a day (24 hours); more get 429; 0 = no limit."),
         # Interpreter of the virtual environment vLLM is installed in.
         Var("PERSONA_VLLM_PYTHON", _program, lambda: REPO_ROOT / ".venv-vllm" / "bin" / "python",
             "Python interpreter with vLLM installed (`make vllm-env` creates .venv-vllm)."),

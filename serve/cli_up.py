@@ -32,12 +32,25 @@ def load_catalog():
     personas = {}
     for p in list_personas():
         active, candidate = registry.active(p.name), registry.candidate(p.name)
+        versions = registry.versions(p.name)
         personas[p.name] = PersonaInfo(
             name=p.name, system_prompt=p.system_prompt, display_name=p.display_name, description=p.description,
             active=active.version if active else None, candidate=candidate.version if candidate else None,
-            versions={v.version: str(v.path) for v in registry.versions(p.name)},
+            versions={v.version: str(v.path) for v in versions},
+            unservable=unservable(registry, p.name, [v.version for v in versions]),
         )
     return Catalog(personas)
+
+
+def unservable(registry, persona: str, versions: list[int]) -> dict[int, str]:
+    """The versions the registry refuses to serve, with why (``registry.status``): ``rejected``
+    (by the gate, or an engine that would not load it) and ``retired``, with their reasons."""
+    refused = {}
+    for version in versions:
+        state, reason = registry.status(persona, version)
+        if state in ("rejected", "retired"):
+            refused[version] = f"{state}: {reason}" if reason else state
+    return refused
 
 
 def add_arguments(parser) -> None:
@@ -110,6 +123,15 @@ def engine_pool(args, catalog, stack: contextlib.ExitStack):
     return pool
 
 
+def reconcile_registry() -> None:
+    """Finish or undo the promotions a killed run left in progress (the registry's pointer
+    may name a version no gateway loaded), before the gateway reads the registry."""
+    from train import registry
+
+    for note in registry.reconcile():
+        err.print(f"[yellow]{note}[/]")
+
+
 def up(args) -> None:
     import uvicorn
 
@@ -118,6 +140,7 @@ def up(args) -> None:
     from serve.gateway.core import Gateway, GatewayConfig
 
     _check_port_free(args.host, args.port)
+    reconcile_registry()
     catalog = load_catalog()
     if not catalog.active_targets():
         raise UserError("no persona has an adapter yet: run `persona setup` first")
@@ -138,11 +161,12 @@ def up(args) -> None:
         from serve.gateway.scheduler import ScheduleConfig, Scheduler
         from train.recipes import DPORecipe, load_recipe
 
-        # The scheduler counts new pairs by the runs' own recipe (serve does not import train).
+        # The scheduler counts new pairs, and their voters, by the runs' own recipe (serve does not import train).
+        recipe = load_recipe(args.retrain_recipe, DPORecipe)
         gateway.scheduler = Scheduler(gateway, ScheduleConfig(
             enabled=not args.no_scheduler, min_new_pairs=args.min_new_pairs, interval=args.retrain_interval,
             gateway_url=f"http://127.0.0.1:{args.port}", log_dir=settings.runs_dir() / "logs",
-            recipe=args.retrain_recipe, rules=load_recipe(args.retrain_recipe, DPORecipe).pair_rules()))
+            recipe=args.retrain_recipe, rules=recipe.pair_rules(), min_voters=recipe.min_voters))
         app = create_gateway_app(gateway, ui_users=settings.get("PERSONA_UI_USERS"))
         err.print(f"browser UI on http://{args.host}:{args.port}/")
         from serve.gateway.drain import DrainingServer

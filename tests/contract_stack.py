@@ -72,7 +72,8 @@ def engine(kind: str, base_dir: Path, adapter_paths: list[str], logs: Path):
 
 
 @contextlib.contextmanager
-def stack(kind: str, base_dir: Path, root: Path):
+def stack(kind: str, base_dir: Path, root: Path, **config):
+    """A running stack; ``config``: GatewayConfig fields besides the keys (a small vote quota)."""
     from feedback import settings
     from feedback.store import Store
     from serve.gateway.app import create_gateway_app
@@ -91,7 +92,7 @@ def stack(kind: str, base_dir: Path, root: Path):
         store = Store.open(settings.home() / "feedback.duckdb")
         with engine(kind, base_dir, list(adapters.values()), root) as (engine_url, key, max_len):
             gateway = Gateway(lambda: state["catalog"], EnginePool([engine_url], api_key=key), store,
-                              GatewayConfig(api_keys=(API_KEY, "second-key"), admin_keys=(ADMIN_KEY,)))
+                              GatewayConfig(api_keys=(API_KEY, "second-key"), admin_keys=(ADMIN_KEY,), **config))
             url, server = serve_in_thread(create_gateway_app(gateway))
             try:
                 yield Stack(url, engine_url, key, store, state, adapters, max_len, kind, gateway)

@@ -111,8 +111,8 @@ def test_chat_streams_and_thumbs_land_in_store(page, ui):
     p.locator("#chatbot").get_by_role("button", name="Like").last.click()
     p.locator("#chat-status").get_by_text("recorded").wait_for()
     steps.shot("liked")
-    votes = ui.store.query("SELECT vote, client FROM votes WHERE turn_id = ?", [turn_id])
-    assert votes == [("up", client)]
+    votes = ui.store.query("SELECT vote, client, voter FROM votes WHERE turn_id = ?", [turn_id])
+    assert votes == [("up", client, "ui")], "without logins every browser session is the one voter ui"
 
     # Clicking the same thumb again takes the vote back.
     p.locator("#chatbot").get_by_role("button", name="Liked").last.click()
@@ -171,7 +171,7 @@ def test_side_by_side_vote_is_stored_with_order(page, ui):
     assert (row["model_a"], row["model_b"]) == ("teto", "teto@v2")
     assert words(row["left_answer"]) == words(left_text)  # the stored order is the order shown
     assert row["choice"] == ("a" if row["left_turn"] == row["turn_a"] else "b")  # "A" was the left one
-    assert row["client"].startswith("ui:")
+    assert row["client"].startswith("ui:") and row["voter"] == "ui"
     # The conversation goes on with the chosen answer.
     p.wait_for_function("t => document.querySelector('#sbs-history').innerText.includes(t)",
                         arg=left_text[:20].strip())

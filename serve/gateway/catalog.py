@@ -7,7 +7,10 @@ gateway calls on reload.
 
 Public model ids: ``teto`` (the persona's active adapter) and ``teto@v3`` (a
 pinned version). Engine model names: ``teto-v3``, by ``feedback.naming``, the
-rule the registry names its versions by.
+rule the registry names its versions by. A version the registry refuses to serve
+(rejected by the gate, retired) is not listed and pinning it is a 404 that says why:
+a version the gate refused must not reach users, nor the votes the loop trains on,
+through a pin.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class PersonaInfo:
     active: int | None = None                             # active adapter version, None = no adapter yet
     candidate: int | None = None                          # version under test against the active one
     versions: dict[int, str] = field(default_factory=dict)  # version -> adapter folder
+    # Versions not served, with why ("rejected: <reason>", "retired: <reason>"); from the registry.
+    unservable: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,17 @@ class Catalog:
             if p.active is not None:
                 ids.append((p.name, None))
         for p in self.personas.values():
-            ids.extend((f"{p.name}@v{v}", p.name) for v in sorted(p.versions))
+            ids.extend((f"{p.name}@v{v}", p.name) for v in sorted(p.versions) if v not in p.unservable)
         return ids
+
+    def kept_adapters(self) -> set[str]:
+        """Engine names of the active and candidate versions: never unloaded as pinned versions."""
+        return {engine_name(p.name, v) for p in self.personas.values() for v in (p.active, p.candidate)
+                if v is not None}
+
+    def unservable_adapters(self) -> set[str]:
+        """Engine names of the versions the registry refuses to serve."""
+        return {engine_name(p.name, v) for p in self.personas.values() for v in p.unservable}
 
     def active_targets(self) -> list[Target]:
         return [self.resolve(p.name) for p in self.personas.values() if p.active is not None]
@@ -78,6 +92,9 @@ class Catalog:
         if version is None:
             raise UnknownModel(f"The persona `{name}` has no trained adapter yet (run: persona train sft "
                                f"--persona {name}).")
+        if version in persona.unservable:
+            raise UnknownModel(f"The model `{model}` is not served: {name} v{version} was "
+                               f"{persona.unservable[version]}.")
         if version not in persona.versions:
             known = ", ".join(f"v{v}" for v in sorted(persona.versions)) or "none"
             raise UnknownModel(f"The model `{model}` does not exist: {name} has versions {known}.")

@@ -1,6 +1,7 @@
 """One chat turn through the gateway, whoever asks: the OpenAI route or the browser UI.
 
     turn = await start_turn(gateway, body, client="key:ab12...")   # 404, 429 or 503 here
+    turn = await start_turn(gateway, body, client="ui:<session>", voter="ui")   # the UI's
     data = await turn.complete()                 # the whole response, or:
     async with turn:                             # (ends the turn if the reader stops early)
         async for chunk in turn.chunks(): ...    # streaming: chunk dicts with the turn id
@@ -12,6 +13,11 @@ turn from there: it writes the turn to the store before the last chunk (or the
 response) goes out, and ``end()`` gives back the slot and the engine's response
 once, on every path. A turn that does not reach its end is logged as it stands:
 ``aborted`` when its reader went away, ``error`` when the engine failed.
+
+The client is whom the turn was served to (only it may rate the turn); the voter
+is whose votes on it count (``feedback.votes`` records the turn's voter): an API
+key is both, while every browser session of one UI login (or, without logins,
+of the loopback-only UI) is its own client but the same voter.
 """
 
 from __future__ import annotations
@@ -43,9 +49,11 @@ def _upstream(body: ChatCompletionRequest, target: Target) -> tuple[list[dict], 
     return messages, sampling, upstream
 
 
-async def start_turn(gateway: Gateway, body: ChatCompletionRequest, client: str) -> ChatTurn:
-    """Admit a chat turn and send it to an engine; raises ``APIError`` (404 unknown model,
-    429 too many in flight, 503 no engine) with nothing held and nothing recorded."""
+async def start_turn(gateway: Gateway, body: ChatCompletionRequest, client: str,
+                     voter: str | None = None) -> ChatTurn:
+    """Admit a chat turn and send it to an engine; raises ``APIError`` (404 unknown model or a
+    version not served, 429 too many in flight, 503 no engine) with nothing held and nothing
+    recorded. ``voter`` defaults to the client."""
     try:
         target = gateway.catalog.resolve(body.model)
     except UnknownModel as exc:
@@ -54,7 +62,11 @@ async def start_turn(gateway: Gateway, body: ChatCompletionRequest, client: str)
     row = Turn(id=completion_id(), requested_model=body.model, messages=messages, answers=[""] * body.n,
                finish_reasons=[None] * body.n, sampling=sampling, stream=body.stream, latency_ms=0.0,
                client=client, persona=target.persona, adapter=target.adapter, adapter_version=target.version,
-               user_tag=body.user, status="aborted")  # until the engine's answer is read to its end
+               user_tag=body.user, status="aborted",  # until the engine's answer is read to its end
+               voter=voter or client,
+               # The caller's own system prompt replaced the persona's: the pair builder keeps
+               # only turns spoken with the persona's own.
+               own_system_prompt=any(m.role == "system" for m in body.messages))
     turn = ChatTurn(gateway, target, row, gateway.admit(target))
     await turn.send(upstream)
     return turn

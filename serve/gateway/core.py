@@ -1,5 +1,6 @@
 """The gateway's state and its non-HTTP logic: key rings, persona resolution,
-the count of chat turns in flight, adapter hot-swap, admin actions, turn records.
+the count of chat turns in flight, adapter hot-swap, pinned versions loaded on
+demand (and unloaded past a cap), vote quotas, admin actions, turn records.
 
 The routes (``serve/gateway/routes/``) and the browser UI call it; ``chat.py``
 runs one chat turn through it.
@@ -11,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,11 +24,12 @@ from feedback import settings
 from feedback.errors import APIError
 from feedback.naming import engine_name
 from feedback.store import Store, Turn
-from feedback.votes import record_comparison
+from feedback.votes import Vote, record_comparison
 from serve.gateway.auth import KeyRing
 from serve.gateway.catalog import Catalog, Target
 from serve.gateway.engines import EnginePool, Replica, parse_error
 from serve.gateway.metrics import Metrics
+from serve.gateway.quota import DAY, MINUTE, VoteQuota
 from serve.gateway.vote_queue import VoteQueue
 from serve.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
@@ -83,6 +85,12 @@ class GatewayConfig:
     drain_timeout: float = 120.0       # how long a swapped-out adapter may finish its requests
     vote_batch: int = 512              # most votes written in one transaction (group commit)
     shutdown_timeout: float = 30.0     # on SIGTERM, how long running requests may take to finish
+    # Votes (thumbs and side by side) per voter a minute and a day; more get 429 (0: no limit).
+    vote_quota_minute: int = field(default_factory=lambda: settings.get("PERSONA_VOTE_QUOTA_MINUTE"))
+    vote_quota_day: int = field(default_factory=lambda: settings.get("PERSONA_VOTE_QUOTA_DAY"))
+    # Pinned versions (teto@v2) kept loaded on the engines besides the active and candidate ones;
+    # past it the least recently used is unloaded (each loaded adapter holds engine memory).
+    max_pinned: int = 4
 
 
 class TurnSlot:
@@ -120,6 +128,8 @@ class Gateway:
             log.warning("PERSONA_ADMIN_KEY is not set: admin routes serve loopback clients only")
         self.metrics = Metrics()
         self.votes = VoteQueue(store, self.config.vote_batch)
+        self.quota = VoteQuota({MINUTE: self.config.vote_quota_minute, DAY: self.config.vote_quota_day})
+        self.pinned: OrderedDict[str, None] = OrderedDict()  # pinned adapters loaded, least recently used first
         self.scheduler = None  # a serve.gateway.scheduler.Scheduler when retraining is scheduled
         self.draining = False  # set on SIGTERM: new requests get 503 while running ones finish
         self.turns: Counter[str] = Counter()  # adapter -> chat turns in flight, kept by TurnSlot
@@ -127,6 +137,7 @@ class Gateway:
         self._health_task: asyncio.Task | None = None
         self._recheck: asyncio.Task | None = None
         self._reload_lock = asyncio.Lock()
+        self._pinned_lock = asyncio.Lock()
 
     # ---- life cycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -200,7 +211,7 @@ class Gateway:
             log.warning("an engine no longer has %s; loading it again", target.adapter)
             for replica in self.pool.replicas:
                 replica.loaded.discard(target.adapter)
-            await self.pool.ensure_loaded(target.adapter, target.path)
+            await self.prepare(target)
             return await self.pool.post_chat(upstream)
 
     def record(self, turn: Turn, target: Target) -> None:
@@ -214,17 +225,53 @@ class Gateway:
         self.metrics.tokens.labels(*labels, "prompt").inc(turn.prompt_tokens or 0)
         self.metrics.tokens.labels(*labels, "completion").inc(turn.completion_tokens or 0)
 
+    # ---- votes -------------------------------------------------------------------------
+    async def vote(self, vote: Vote, voter: str) -> str:
+        """Record a thumbs vote (the API's and the UI's) within ``voter``'s quota: past it a 429
+        with Retry-After, and nothing written."""
+        self.quota.take(voter)
+        return await self.votes.submit(vote)
+
     async def compare(self, turn_a: str, turn_b: str, choice: str, left: str, client: str,
-                      user_name: str | None = None) -> str:
-        """Record which of two answers won (the API's and the UI's side-by-side votes)."""
+                      user_name: str | None = None, voter: str | None = None) -> str:
+        """Record which of two answers won (the API's and the UI's side-by-side votes), within
+        the quota of ``voter`` (the client unless given)."""
+        self.quota.take(voter or client)
         return await asyncio.to_thread(record_comparison, self.store, turn_a, turn_b, choice, left, client,
                                        user_name)
 
     # ---- adapters ----------------------------------------------------------------------
     async def prepare(self, target: Target) -> None:
-        """Make sure the target's adapter is on the engines (pinned versions load on first use)."""
+        """Make sure the target's adapter is on the engines: pinned versions load on first use,
+        and loading one past ``max_pinned`` unloads the least recently used."""
+        persona = self.catalog.personas.get(target.persona)
+        if persona is None or persona.active != target.version:
+            self.pinned[target.adapter] = None
+            self.pinned.move_to_end(target.adapter)
         if not all(target.adapter in r.loaded for r in self.pool.replicas if r.healthy):
             await self.pool.ensure_loaded(target.adapter, target.path)
+            await self.unload_pinned()
+
+    async def unload_pinned(self) -> None:
+        """Unload pinned versions past ``max_pinned``, least recently used first; never an active
+        or candidate version (they do not count), nor one with turns in flight (it stays, over
+        the cap, until a later load finds it idle)."""
+        async with self._pinned_lock:
+            kept = self.catalog.kept_adapters()
+            pinned = [name for name in self.pinned if name not in kept]
+            for name in pinned[:max(0, len(pinned) - self.config.max_pinned)]:
+                if not self.turns[name]:
+                    await self._unload(name, "a pinned version past the cap, least recently used")
+
+    async def _unload(self, name: str, why: str) -> None:
+        """Unload an adapter from the engines; a failure is logged, never the caller's error."""
+        self.pinned.pop(name, None)
+        try:
+            await self.pool.unload(name)
+        except (APIError, httpx.HTTPError) as exc:
+            log.warning("could not unload adapter %s: %s", name, exc)
+            return
+        log.info("adapter %s unloaded: %s", name, why)
 
     async def reload(self) -> dict:
         """Re-read the catalog and hot-swap: load each newly active adapter under its own
@@ -237,10 +284,12 @@ class Gateway:
             self.catalog = new  # the switch: new requests resolve to the new versions from here
             await asyncio.to_thread(self.sync_store)
             new_names = {t.adapter for t in new.active_targets()}
-            for name in sorted(old_names - new_names):
+            # Swapped out, or refused since (a candidate the gate rejected): they go once drained.
+            refused = new.unservable_adapters() & set(self.pool.wanted)
+            for name in sorted((old_names - new_names) | refused):
                 await self._drain(name)
-                await self.pool.unload(name)
-                log.info("adapter %s unloaded after the swap", name)
+                await self._unload(name, "refused by the registry" if name in refused else "swapped out")
+            await self.unload_pinned()
             return {t.persona: t.adapter for t in new.active_targets()}
 
     async def _drain(self, adapter: str) -> None:
@@ -269,8 +318,9 @@ class Gateway:
         for p in self.catalog.personas.values():
             for version, path in p.versions.items():
                 meta = _read_meta(path)
+                # The adapters table knows no "rejected": a version the registry refuses is retired there.
                 status = ("active" if version == p.active else "candidate" if version == p.candidate
-                          else "available")
+                          else "retired" if version in p.unservable else "available")
                 rows.append({"name": engine_name(p.name, version), "persona": p.name, "version": version,
                              "path": path, "kind": meta.get("kind"), "parent_version": meta.get("parent_version"),
                              "status": status, "metrics": meta.get("metrics"),

@@ -3,7 +3,9 @@ own code paths (``serve.gateway.chat.start_turn``, its vote queue and ``Gateway.
 
 The UI is one more client of the gateway: its turns are logged like API turns,
 under the client id ``ui:<browser session>``, so a session can only rate the
-answers it was served.
+answers it was served. Its voter is the login (``user:<login>``) or, without
+logins, ``ui``: the UI then serves loopback only, and the browser picks its own
+session id, so separate sessions must not count as separate voters.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ class Session:
     def client(self) -> str:
         return f"ui:{self.id}"
 
+    @property
+    def voter(self) -> str:
+        """Whose votes these are (the pair builder caps and compares voters): the login, else
+        the one voter of the loopback-only UI."""
+        return f"user:{self.user}" if self.user else "ui"
+
 
 def prompt_messages(history: list[dict]) -> list[dict]:
     """The chat so far as plain OpenAI messages (Gradio adds display fields). Control
@@ -53,7 +61,7 @@ async def stream_answer(gateway: Gateway, model: str, messages: list[dict], sess
     the turn is in the store before the last yield."""
     body = ChatCompletionRequest(model=model, messages=messages, stream=True, max_tokens=MAX_TOKENS,
                                  temperature=temperature, seed=seed, user=session.user)
-    turn = await start_turn(gateway, body, session.client)
+    turn = await start_turn(gateway, body, session.client, session.voter)
     text, turn_id, model_id = "", turn.row.id, turn.target.model_id
     async with turn:  # ended on every path: a closed tab, an error raised here
         async for chunk in turn.chunks():
@@ -66,17 +74,18 @@ async def stream_answer(gateway: Gateway, model: str, messages: list[dict], sess
 
 
 async def vote(gateway: Gateway, turn_id: str, value: str, session: Session, reason: str | None = None) -> str:
-    return await gateway.votes.submit(Vote(turn_id, value, session.client, 0, reason, None, session.user))
+    vote = Vote(turn_id, value, session.client, 0, reason, None, session.user)
+    return await gateway.vote(vote, session.voter)
 
 
 async def compare(gateway: Gateway, turn_a: str, turn_b: str, choice: str, left: str, session: Session) -> str:
-    return await gateway.compare(turn_a, turn_b, choice, left, session.client, session.user)
+    return await gateway.compare(turn_a, turn_b, choice, left, session.client, session.user, session.voter)
 
 
 def contenders(gateway: Gateway, persona: str) -> tuple[str, str, str]:
     """The two model ids a side-by-side round asks, and what is being compared: the active
     version against the candidate when one is under test, else two samples of the active one."""
     info = gateway.catalog.personas[persona]
-    if info.candidate is not None and info.candidate in info.versions:
+    if info.candidate is not None and info.candidate in info.versions and info.candidate not in info.unservable:
         return persona, f"{persona}@v{info.candidate}", "active vs candidate"
     return persona, persona, "two samples of the active version"

@@ -2,6 +2,8 @@
 
     POST /v1/feedback             thumbs up/down (or retract) on a turn served to the caller
     POST /v1/comparisons          which of two answers to the same context is better
+
+Both count against the key's vote quota (``quota.py``): past it, a 429 with Retry-After.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ router = APIRouter()
 @router.post("/v1/feedback", openapi_extra=documented(FeedbackRequest))
 async def feedback(request: Request, client: ApiClient, body: Annotated[FeedbackRequest, json_body(FeedbackRequest)]):
     vote = Vote(body.turn_id, body.vote, client, body.choice_index, body.reason, body.comment)
-    status = await gateway_of(request).votes.submit(vote)
+    status = await gateway_of(request).vote(vote, voter=client)
     return {"object": "feedback", "turn_id": body.turn_id, "choice_index": body.choice_index, "vote": body.vote,
             "status": status}
 
