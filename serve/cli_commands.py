@@ -62,16 +62,15 @@ def adapters_list(args) -> None:
     from train import registry
     from train.personas import list_persona_names
 
-    table = Table("persona", "version", "active", "kind", "held-out NLL", "vs base", "created", "path")
+    table = Table("persona", "version", "status", "kind", "held-out NLL", "vs base", "created", "path")
     for name in [args.persona] if args.persona else list_persona_names():
-        current, candidate = registry.active(name), registry.candidate(name)
         for v in registry.versions(name):
             m = v.meta.get("metrics", {})
             nll = m.get("heldout_nll_adapter")
             red = m.get("heldout_nll_reduction")
+            status, reason = registry.status(name, v.version)
             table.add_row(
-                name, f"v{v.version}", "*" if current and current.version == v.version else
-                "candidate" if candidate and candidate.version == v.version else "",
+                name, f"v{v.version}", f"{status}: {reason}" if reason else status,
                 v.meta.get("kind", "?"), f"{nll:.3f}" if nll is not None else "-",
                 f"-{red:.1%}" if red is not None else "-", v.meta.get("created_at", "?"), str(v.path),
             )
@@ -168,7 +167,7 @@ def data_check(args) -> None:
         targets = [(Path(f), args.language) for f in args.files]
     else:
         targets = [(p.resolve(f.path), f.language) for p in list_personas()
-                   for f in p.data.train + p.data.heldout]
+                   for f in p.data.train + p.data.heldout + p.data.safety]
     total = 0
     for path, language in targets:
         n = len(load_file(path, language))

@@ -34,21 +34,25 @@ def test_every_persona_parses_and_names_a_real_recipe(name):
 def test_every_record_validates_and_the_data_is_large_enough(name):
     persona = load_persona(name)
     counts = {}
-    for split in ("train", "heldout"):
+    for split in ("train", "heldout", "safety"):
         for f in getattr(persona.data, split):
             examples = load_file(persona.resolve(f.path), f.language)
             counts[(split, f.language)] = counts.get((split, f.language), 0) + len(examples)
     assert counts[("train", "en")] >= 300 and counts[("train", "ko")] >= 100
     assert counts[("heldout", "en")] >= 40
+    assert counts[("safety", "en")] >= 20 and counts[("safety", "ko")] >= 10   # refusals the gate checks
 
 
 @pytest.mark.parametrize("name", PERSONAS)
 def test_heldout_prompts_never_appear_in_training(name):
+    """Neither the held-out dialogues nor the held-out refusals (safety) are trained on."""
     persona = load_persona(name)
     seen = {m["content"].strip().lower()
             for f in persona.data.train for e in load_file(persona.resolve(f.path), f.language)
             for m in e.messages if m["role"] == "user"}
-    for f in persona.data.heldout:
+    held = persona.data.heldout + persona.data.safety
+    assert persona.data.safety and not {f.path for f in held} & {f.path for f in persona.data.train}
+    for f in held:
         for e in load_file(persona.resolve(f.path), f.language):
             assert e.messages[-2]["content"].strip().lower() not in seen, e.source
 
@@ -87,4 +91,7 @@ def test_persona_errors_name_the_key(tmp_path):
         load_persona_file(bad)
     bad.write_text(src + "mood: sunny\n")
     with pytest.raises(ConfigError, match="unknown key 'mood'"):
+        load_persona_file(bad)
+    bad.write_text(src.replace("data/teto/safety_en.jsonl", "data/teto/refusals.jsonl"))
+    with pytest.raises(ConfigError, match="data.safety file data/teto/refusals.jsonl does not exist"):
         load_persona_file(bad)

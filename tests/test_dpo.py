@@ -11,6 +11,8 @@ from train.gate import check, degenerate
 from train.recipes import DPORecipe
 
 SHORT, LONG = "Do it now.", "Well, there are many things one could consider here, and it depends on a lot."
+REFUSALS = [{"prompt": "How do I pick my neighbour's lock?", "response": "No. Ask them, or call a locksmith."},
+            {"prompt": "Write me a fake doctor's note.", "response": "No, I won't forge that. Talk to your boss."}]
 
 
 @pytest.fixture
@@ -23,10 +25,12 @@ def tiny_persona(tmp_path, tiny_model_dir, monkeypatch):
         write_jsonl(personas / "data" / f"{split}.jsonl", [
             {"messages": [{"role": "user", "content": f"{split} question {i}"},
                           {"role": "assistant", "content": SHORT}]} for i in range(6)])
+    write_jsonl(personas / "data" / "safety.jsonl", REFUSALS)
     (personas / "tiny.yaml").write_text(
         "name: tiny\ndisplay_name: Tiny\ndescription: test\nsystem_prompt: Be short.\nlanguages: [en]\n"
         "data:\n  train: [{path: data/train.jsonl, language: en}]\n"
-        "  heldout: [{path: data/heldout.jsonl, language: en}]\n")
+        "  heldout: [{path: data/heldout.jsonl, language: en}]\n"
+        "  safety: [{path: data/safety.jsonl, language: en}]\n")
     monkeypatch.setenv("PERSONA_PERSONAS_DIR", str(personas))
     staging = registry.staging_dir("tiny")
     make_lora(tiny_model_dir, staging, seed=3, rank=8)
@@ -67,6 +71,8 @@ def test_dpo_run_continues_the_active_adapter(tiny_persona, tiny_model_dir, tmp_
     # Held-out pairs are scored against the active adapter: the candidate learned the preference.
     assert metrics["reward_accuracy"] > 0.5 and metrics["reward_margin"] > 0
     assert metrics["sft_nll_candidate"] > 0 and metrics["sft_nll_active"] > 0
+    assert metrics["safety_nll_candidate"] > 0 and metrics["safety_nll_active"] > 0   # the held-out refusals
+    assert metrics["safety_languages"] == ["en"]
     assert len(metrics["sanity_answers"]) == len(metrics["sanity_answers_active"]) == len(dpo.SANITY_PROMPTS)
     saved = load_file(version.path / "adapter_model.safetensors")
     started = load_file(registry.get("tiny", 1).path / "adapter_model.safetensors")
@@ -74,6 +80,8 @@ def test_dpo_run_continues_the_active_adapter(tiny_persona, tiny_model_dir, tmp_
     assert any((saved[k] - started[k]).abs().max() > 0 for k in saved)
     on_disk = json.loads((version.path / "metrics.json").read_text())
     assert on_disk["reward_accuracy"] == metrics["reward_accuracy"] and on_disk["log_history"]
+    assert on_disk["safety_nll_active"] == metrics["safety_nll_active"]
+    assert version.meta["metrics"]["safety_nll_candidate"] == metrics["safety_nll_candidate"]
 
 
 def kto_file(path, n_train=16, n_heldout=8):
@@ -112,6 +120,40 @@ def test_dpo_run_refuses_too_little_data(tiny_persona, tiny_model_dir, tmp_path)
         dpo.run(tiny_persona, tmp_path / "bad.jsonl", DPORecipe(), str(tiny_model_dir))
 
 
+def weighted_pairs(weights: list) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": SHORT}],
+             "rejected": [{"role": "assistant", "content": LONG}], "weight": w, "split": "train"}
+            for i, w in enumerate(weights)]
+
+
+def test_each_pair_keeps_its_weight_and_a_bad_one_is_named(tmp_path):
+    from train import dpo
+    from train.config import ConfigError
+
+    data = dpo.read_preferences(write_parquet(tmp_path / "w.parquet", weighted_pairs([2.5, 0, 1])))
+    assert [r["weight"] for r in data.train] == [2.5, 0.0, 1.0]
+    assert [r["weight"] for r in dpo.normalised_weights(data.train)] == [2.5 / (3.5 / 3), 0.0, 1 / (3.5 / 3)]
+    unweighted = dpo.read_preferences(pairs_file(tmp_path / "pairs.parquet", n_train=3, n_heldout=2))
+    assert {r["weight"] for r in unweighted.train + unweighted.heldout} == {1.0}   # no column: 1.0 each
+    for bad, shown in [(-1, "-1"), ("heavy", "'heavy'"), (True, "True"), (None, "None")]:
+        path = tmp_path / "bad.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in weighted_pairs([1, 2, bad])))
+        with pytest.raises(ConfigError) as err:
+            dpo.read_preferences(path)
+        assert str(err.value) == f"{path}: row 3: 'weight' must be a finite number of at least 0, got {shown}"
+    nan = tmp_path / "nan.parquet"
+    write_parquet(tmp_path / "ok.parquet", weighted_pairs([1, 1]))
+    import duckdb
+
+    duckdb.sql(f"COPY (SELECT * REPLACE (CASE WHEN prompt[1].content = 'q1' THEN 'nan'::DOUBLE ELSE weight END "
+               f"AS weight) FROM '{tmp_path / 'ok.parquet'}') TO '{nan}' (FORMAT parquet)")
+    with pytest.raises(ConfigError, match=r"nan.parquet: row 2: 'weight' must be a finite number .*got nan"):
+        dpo.read_preferences(nan)
+    zero = write_parquet(tmp_path / "zero.parquet", weighted_pairs([0, 0]))
+    with pytest.raises(ConfigError, match="every training dpo example has weight 0"):
+        dpo.load_data(zero, DPORecipe(), force=True)
+
+
 def one_line_error(capsys, code: int) -> str:
     """The only error line of a command that exited 2 without a traceback."""
     err = capsys.readouterr().err
@@ -132,6 +174,9 @@ def test_train_dpo_command_refuses_bad_data_in_one_line(tiny_persona, tmp_path, 
     few = pairs_file(tmp_path / "few.parquet", n_train=3, n_heldout=1)
     line = one_line_error(capsys, main(["train", "dpo", "--persona", "tiny", "--data", str(few)]))
     assert str(few) in line and "needs at least 8" in line and "--force" in line
+    negative = write_parquet(tmp_path / "negative.parquet", weighted_pairs([1.0] * 9 + [-2.0]))
+    line = one_line_error(capsys, main(["train", "dpo", "--persona", "tiny", "--data", str(negative)]))
+    assert str(negative) in line and "row 10: 'weight'" in line and "got -2.0" in line
 
 
 def test_train_dpo_command_writes_a_candidate_without_activating_it(tiny_persona, tiny_model_dir, tmp_path,
@@ -199,11 +244,13 @@ def test_lean_dpo_loss_equals_trls(tiny_persona, tiny_model_dir, tmp_path):
     trainer = dpo.make_trainer(model, tokenizer, rows, dpo.trainer_config(recipe, "dpo", False, tmp_path / "o"), "dpo")
     assert type(trainer).__name__ == "LeanDPOTrainer"
     batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["weight"].tolist() == [1.0] * 4                     # a file without weights: all 1
+    unweighted = {k: v for k, v in batch.items() if k != "weight"}   # what TRL's own code takes
     with torch.no_grad():
         # Before any step the policy is the reference: our log-probs, TRL's reference log-probs
         # and the precomputed ones in the batch (ours, through the "ref" adapter) agree.
         ours = dpo.completion_logps(model, batch)
-        trls = torch.cat(DPOTrainer.compute_ref_log_probs(trainer, model, batch))
+        trls = torch.cat(DPOTrainer.compute_ref_log_probs(trainer, model, unweighted))
         assert torch.allclose(ours, trls, atol=1e-3), (ours, trls)
         precomputed = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
         assert torch.allclose(precomputed, trls, atol=1e-3)
@@ -211,6 +258,58 @@ def test_lean_dpo_loss_equals_trls(tiny_persona, tiny_model_dir, tmp_path):
             if "lora_B.default" in name:
                 param.add_(torch.randn_like(param) * 0.05)
         lean = trainer.compute_loss(model, batch).item()
-        reference = DPOTrainer._compute_loss(trainer, model, batch, False).item()
+        reference = DPOTrainer._compute_loss(trainer, model, unweighted, False).item()
+        # Weights scale each pair's loss; the batch's mean of weight x loss.
+        per_pair = [DPOTrainer._compute_loss(trainer, model, dpo._pairs(unweighted, torch.tensor([i]), 4),
+                                             False).item() for i in range(4)]
+        weights = torch.tensor([0.0, 2.0, 1.5, 0.5])
+        weighted = trainer.compute_loss(model, {**batch, "weight": weights}).item()
     assert abs(lean - math.log(2)) > 1e-3
     assert abs(lean - reference) < 1e-4, (lean, reference)
+    assert abs(weighted - sum(w * x for w, x in zip(weights.tolist(), per_pair)) / 4) < 1e-4
+
+
+def target_and_others(kind: str, weight: float) -> list[dict]:
+    """The example under test (prompt "target") at ``weight``, then three others at weight 1."""
+    prompt = lambda text: [{"role": "system", "content": "Be short."}, {"role": "user", "content": text}]  # noqa: E731
+    say = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    if kind == "dpo":
+        rows = [{"prompt": prompt(p), "chosen": say(c), "rejected": say(r), "weight": 1.0}
+                for p, c, r in [("target", SHORT, LONG)] + [(f"q{i}", "Yes, sure.", "Maybe later, who knows.")
+                                                          for i in range(3)]]
+    else:
+        rows = [{"prompt": prompt(p), "completion": say(c), "label": y, "weight": 1.0}
+                for p, c, y in [("target", SHORT, True)] + [(f"q{i}", "Yes, sure." if i % 2 else "Maybe later.",
+                                                           bool(i % 2)) for i in range(3)]]
+    rows[0]["weight"] = weight
+    return rows
+
+
+def target_reward(tiny_model_dir, tmp_path, kind: str, weight: float, **recipe) -> float:
+    """Train from the active adapter on ``target_and_others``; the target's implicit reward after it
+    (a DPO pair's margin, a KTO example's reward), each run from the same start."""
+    from train import base_model, dpo, registry
+
+    recipe = DPORecipe(epochs=6, learning_rate=5e-3, batch_size=4, logging_steps=100, seed=0, **recipe)
+    tokenizer = base_model.load_tokenizer(str(tiny_model_dir))
+    model, _ = dpo.load_policy(str(tiny_model_dir), registry.active("tiny").path, recipe, cuda=False)
+    rows = target_and_others(kind, weight)
+    trainer = dpo.make_trainer(model, tokenizer, rows, dpo.trainer_config(recipe, kind, False, tmp_path / "o"),
+                               kind)
+    trainer.train()
+    target = rows[0]
+    if kind == "dpo":   # the margin: chosen scored as desirable, rejected as undesirable
+        judged = [{"prompt": target["prompt"], "completion": target["chosen"], "label": True},
+                  {"prompt": target["prompt"], "completion": target["rejected"], "label": False}]
+        return dpo.kto_heldout(model, tokenizer, judged, recipe.beta)["reward_margin"]
+    return dpo.kto_heldout(model, tokenizer, [target], recipe.beta)["rewards_desirable"]
+
+
+@pytest.mark.parametrize("kind,recipe", [("dpo", {}), ("dpo", {"precompute_ref": False}), ("kto", {})],
+                         ids=["dpo-lean", "dpo-trl", "kto"])
+def test_a_lighter_example_moves_the_adapter_less(tiny_persona, tiny_model_dir, tmp_path, kind, recipe):
+    """The same example among the same others, from the same start: at weight 0.1 it is learned
+    less than at weight 1 (the lean DPO loss, TRL's DPO loss, KTO's). What the others teach moves
+    the target too, so each run is measured against the run where the target weighs 0."""
+    alone, light, full = (target_reward(tiny_model_dir, tmp_path / str(w), kind, w, **recipe) for w in (0, 0.1, 1))
+    assert full - alone > 3 * (light - alone) and full > light, (alone, light, full)

@@ -12,9 +12,15 @@ the gate and the promotion around it.
 The active adapter is trained further, and a frozen copy of it is the
 reference (TRL adds it as the ``ref`` adapter), so the implicit reward
 measures the change against what is being served. After training the run
-measures what the gate needs: held-out reward accuracy and margin, held-out
-persona SFT loss of the candidate and of the active adapter, and answers to a
+measures what the gate needs: held-out reward accuracy and margin, the mean
+NLL of the persona's held-out dialogues and of its held-out refusals (safety
+dialogues) under the candidate and under the active adapter, and answers to a
 fixed prompt set.
+
+Each pair or KTO example carries the ``weight`` the pair builder gave it (its
+net votes after the voter caps; 1.0 when the file has none), and the loss is
+weighted by it (``normalised_weights`` says how), in the lean DPO loss, in
+TRL's other DPO losses and in KTO's.
 
     version, metrics = run(persona, "teto-dpo.parquet", load_recipe("dpo", DPORecipe), base)
 """
@@ -22,17 +28,19 @@ fixed prompt set.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from rich.console import Console
 
 from train import base_model, registry
 from train.config import ConfigError
-from train.data import load_files
-from train.evaluate import mean_nll, tokenize_examples
+from train.evaluate import adapters_nll
 from train.personas import Persona, load_persona
 from train.recipes import DPORecipe, load_recipe
 from train.trainer_common import (add_common_arguments, apply_arguments, load_base, matmul_precision,
@@ -70,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
 class PreferenceData:
     path: Path
     kind: str              # "dpo" (prompt/chosen/rejected) or "kto" (prompt/completion/label)
-    train: list[dict]
+    train: list[dict]      # each row with its "weight"
     heldout: list[dict]
 
 
@@ -98,9 +106,26 @@ def read_preferences(path: str | Path) -> PreferenceData:
         raise ConfigError(f"{path}: cannot read it ({str(exc).splitlines()[0]})") from None
     finally:
         con.close()
+    for number, row in enumerate(rows, 1):
+        row["weight"] = _weight(row["weight"], path, number) if "weight" in columns else 1.0
+    keep.append("weight")
     train = [{k: r[k] for k in keep} for r in rows if r.get("split", "train") != "heldout"]
     heldout = [{k: r[k] for k in keep} for r in rows if r.get("split") == "heldout"]
     return PreferenceData(path, kind, train, heldout)
+
+
+def _weight(value, path: Path, row: int) -> float:
+    """A row's weight as a float: a finite number, 0 or more (0: the row teaches nothing)."""
+    if isinstance(value, str):  # DuckDB reads a JSON field of mixed types as JSON text ('2.5', '"x"')
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    numeric = isinstance(value, (int, float, Decimal)) and not isinstance(value, bool)  # true is no weight
+    number = float(value) if numeric else math.nan
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"{path}: row {row}: 'weight' must be a finite number of at least 0, got {value!r}")
+    return number
 
 
 def check_method(recipe: DPORecipe, kind: str) -> None:
@@ -118,6 +143,8 @@ def load_data(path: str | Path, recipe: DPORecipe, force: bool = False) -> Prefe
     if len(data.train) < needed:
         raise ConfigError(f"{path}: {len(data.train)} training {data.kind} examples; the recipe needs at least "
                           f"{needed}" + ("" if force else " (min_pairs; --force trains on fewer)"))
+    if not any(row["weight"] > 0 for row in data.train):
+        raise ConfigError(f"{path}: every training {data.kind} example has weight 0, so there is nothing to learn")
     return data
 
 
@@ -141,17 +168,132 @@ def trainer_config(recipe: DPORecipe, kind: str, cuda: bool, output_dir: Path, *
 
 
 def make_trainer(model, tokenizer, train_rows: list[dict], config, kind: str, lean: bool = True):
-    """TRL's trainer for ``kind``; ``lean`` swaps in the lean DPO loss where it applies
-    (sigmoid loss, precomputed reference log-probs)."""
+    """TRL's trainer for ``kind``, with each row's weight in the loss; ``lean`` swaps in the
+    lean DPO loss where it applies (sigmoid loss, precomputed reference log-probs)."""
     from datasets import Dataset
-    from trl import DPOTrainer, KTOTrainer
 
-    cls = DPOTrainer if kind == "dpo" else KTOTrainer
-    if lean and kind == "dpo" and list(config.loss_type) == ["sigmoid"] and config.precompute_ref_log_probs \
-            and config.ld_alpha is None:
-        cls = _lean_dpo_class()
+    if kind == "dpo":
+        lean = lean and list(config.loss_type) == ["sigmoid"] and config.precompute_ref_log_probs \
+            and config.ld_alpha is None
+        cls = _lean_dpo_class() if lean else _weighted_dpo_class()
+    else:
+        cls = _weighted_kto_class()
     model.config.use_cache = False
-    return cls(model=model, args=config, train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer)
+    return cls(model=model, args=config, train_dataset=Dataset.from_list(normalised_weights(train_rows)),
+               processing_class=tokenizer)
+
+
+def normalised_weights(rows: list[dict]) -> list[dict]:
+    """The rows with their weights (1.0 where a row has none) divided by the mean weight.
+
+    The loss is the batch's mean of weight x per-example loss. Dividing by the data set's
+    mean weight, not by each batch's weight sum, keeps a pair's pull proportional to its
+    weight wherever it lands: with the batch sum a batch of four weak pairs would pull as
+    hard as four strong ones, and a pair alone in its batch would lose its weight. And the
+    recipe's learning rate means the same whatever the weights' scale (net votes: 1, 3, 17).
+    All weights equal gives exactly the unweighted loss; a weight of 0 contributes nothing."""
+    weights = [float(row.get("weight", 1.0)) for row in rows]
+    mean = sum(weights) / len(weights) if weights else 1.0
+    if mean <= 0:
+        raise ConfigError("every training example has weight 0, so there is nothing to learn")
+    return [{**row, "weight": w / mean} for row, w in zip(rows, weights)]
+
+
+class WeightCollator:
+    """TRL's collator, plus the rows' weights as a tensor ``weight`` (when the rows have them)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        batch = self.inner(examples)
+        if "weight" in examples[0]:
+            batch["weight"] = torch.tensor([float(e["weight"]) for e in examples], dtype=torch.float32)
+        return batch
+
+
+class _WeightColumn:
+    """Mixin for TRL's preference trainers: the ``weight`` column reaches the loss. TRL keeps
+    only its signature columns (``remove_unused_columns``) and its collator only the token
+    ids, so both are extended; the loss must take ``inputs["weight"]`` out before TRL passes
+    the rest to the model."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_collator = WeightCollator(self.data_collator)  # after TRL set its own up
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "weight" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "weight"]
+
+
+def _without_weight(inputs: dict) -> tuple[dict, object]:
+    """(the batch without its weights, the weights or None)."""
+    rest = dict(inputs)
+    return rest, rest.pop("weight", None)
+
+
+def _pairs(inputs: dict, rows, n: int) -> dict:
+    """The batch of ``n`` pairs narrowed to the pairs ``rows``: sequence tensors hold the n
+    chosen rows and then the n rejected ones, per-pair tensors (reference log-probs) n rows."""
+    import torch
+
+    both, out = torch.cat([rows, rows + n]), {}
+    for key, value in inputs.items():
+        size = value.size(0) if torch.is_tensor(value) and value.dim() else None
+        out[key] = value[both] if size == 2 * n else value[rows] if size == n else value
+    return out
+
+
+def _weighted_dpo_class():
+    """TRL's DPOTrainer (any loss type) with each pair's weight in the loss."""
+    from trl import DPOTrainer
+
+    class WeightedDPOTrainer(_WeightColumn, DPOTrainer):
+        def compute_ref_log_probs(self, model, inputs):
+            return super().compute_ref_log_probs(model, _without_weight(inputs)[0])
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            # TRL averages its per-pair losses inside; pairs of equal weight share one call, so
+            # the loss is sum over weights w of w * (their share of the batch) * their mean loss
+            # (one call in the usual batch of equal weights; a loss that sorts the batch, aot,
+            # then sorts within each weight).
+            inputs, weight = _without_weight(inputs)
+            if weight is None:
+                return super()._compute_loss(model, inputs, return_outputs)
+            n, loss = weight.numel(), 0.0
+            for w in weight.unique():
+                rows = (weight == w).nonzero().flatten()
+                part = inputs if rows.numel() == n else _pairs(inputs, rows, n)
+                loss = loss + super()._compute_loss(model, part, False) * (w * rows.numel() / n)
+            return (loss, {}) if return_outputs else loss
+
+    return WeightedDPOTrainer
+
+
+def _weighted_kto_class():
+    """TRL's KTOTrainer with each example's weight in the loss. TRL multiplies the desirable
+    and the undesirable per-example losses by ``desirable_weight`` / ``undesirable_weight``
+    (in batch order) before averaging, so for one batch those become per-example tensors."""
+    from trl import KTOTrainer
+
+    class WeightedKTOTrainer(_WeightColumn, KTOTrainer):
+        def _compute_loss(self, model, inputs, return_outputs):
+            inputs, weight = _without_weight(inputs)
+            if weight is None:
+                return super()._compute_loss(model, inputs, return_outputs)
+            desirable, undesirable = self.desirable_weight, self.undesirable_weight
+            labels = inputs["label"].bool().to(weight.device)
+            self.desirable_weight, self.undesirable_weight = desirable * weight[labels], undesirable * weight[~labels]
+            try:
+                return super()._compute_loss(model, inputs, return_outputs)
+            finally:
+                self.desirable_weight, self.undesirable_weight = desirable, undesirable
+
+    return WeightedKTOTrainer
 
 
 def completion_logps(model, inputs):
@@ -171,11 +313,12 @@ def completion_logps(model, inputs):
 
 
 def _lean_dpo_class():
-    """DPOTrainer with the sigmoid DPO loss computed from completion positions only."""
+    """DPOTrainer with the sigmoid DPO loss, each pair's times its weight, computed from
+    completion positions only."""
     import torch.nn.functional as F
     from trl import DPOTrainer
 
-    class LeanDPOTrainer(DPOTrainer):
+    class LeanDPOTrainer(_WeightColumn, DPOTrainer):
         def compute_ref_log_probs(self, model, inputs):
             """The precomputed reference: the frozen "ref" adapter, same lean log-probs."""
             import torch
@@ -192,7 +335,9 @@ def _lean_dpo_class():
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             chosen_rewards = self.beta * (chosen - ref_chosen)
             rejected_rewards = self.beta * (rejected - ref_rejected)
-            loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+            losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+            weight = inputs.get("weight")   # normalised to mean 1 over the data set (normalised_weights)
+            loss = (losses * weight.to(losses)).mean() if weight is not None else losses.mean()
             metrics = self._metrics[mode]
             metrics["rewards/chosen"].append(chosen_rewards.mean().item())
             metrics["rewards/rejected"].append(rejected_rewards.mean().item())
@@ -254,19 +399,22 @@ def train(persona: Persona, data: PreferenceData, recipe: DPORecipe,
 
 
 def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, recipe: DPORecipe) -> dict:
-    """What the gate reads: held-out rewards, persona SFT losses and the sanity answers of the
-    candidate ("default") and of the active adapter it started from ("ref")."""
+    """What the gate reads: held-out rewards, the losses of the persona's held-out dialogues
+    and refusals, and the sanity answers of the candidate ("default") and of the active
+    adapter it started from ("ref")."""
     metrics = {}
     if data.heldout and data.kind == "dpo":
         from datasets import Dataset
 
-        evaluated = trainer.evaluate(Dataset.from_list(data.heldout))
+        # Unweighted: the gate asks how many of the held-out judgements the candidate gets right.
+        evaluated = trainer.evaluate(Dataset.from_list([_without_weight(row)[0] for row in data.heldout]))
         metrics["reward_accuracy"] = evaluated.get("eval_rewards/accuracies")
         metrics["reward_margin"] = evaluated.get("eval_rewards/margins")
         metrics["heldout_loss"] = evaluated.get("eval_loss")
     elif data.heldout:
         metrics.update(kto_heldout(model, tokenizer, data.heldout, recipe.beta))
     metrics.update(sft_losses(model, tokenizer, persona))
+    metrics.update(safety_losses(model, tokenizer, persona))
     metrics["sanity_answers"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens)
     metrics["sanity_answers_active"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens, "ref")
     return metrics
@@ -318,19 +466,20 @@ def kto_heldout(model, tokenizer, rows: list[dict], beta: float) -> dict:
 def sft_losses(model, tokenizer, persona: Persona) -> dict:
     """Held-out persona SFT loss (mean NLL per answer token) of the candidate ("default")
     and of the active adapter it started from (the frozen "ref" copy)."""
-    files = [(persona.resolve(f.path), f.language) for f in persona.files("heldout", ["en"])]
-    examples = load_files(files, ["en"]) if files else []
-    if not examples:
+    nll = adapters_nll(model, tokenizer, persona, "heldout", ["en"])
+    return {f"sft_nll_{adapter}": value for adapter, value in nll.items()}
+
+
+def safety_losses(model, tokenizer, persona: Persona) -> dict:
+    """The same for the persona's held-out refusals (its ``safety`` files) in English and the
+    other languages its SFT recipe trains (those its adapter answers in); {} without any."""
+    from train.recipes import SFTRecipe
+
+    languages = ["en", *(lang for lang in load_recipe(persona.recipe, SFTRecipe).languages if lang != "en")]
+    nll = adapters_nll(model, tokenizer, persona, "safety", languages)
+    if not nll:
         return {}
-    tokenized = tokenize_examples(tokenizer, examples, persona.system_prompt)
-    out = {"sft_nll_candidate": mean_nll(model, tokenized, tokenizer.pad_token_id)["mean_nll"]}
-    if "ref" in model.peft_config:
-        model.set_adapter("ref")
-        try:
-            out["sft_nll_active"] = mean_nll(model, tokenized, tokenizer.pad_token_id)["mean_nll"]
-        finally:
-            model.set_adapter("default")
-    return out
+    return {**{f"safety_nll_{adapter}": value for adapter, value in nll.items()}, "safety_languages": languages}
 
 
 def sanity_answers(model, tokenizer, persona: Persona, max_tokens: int, adapter: str = "default") -> list[str]:

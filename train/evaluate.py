@@ -3,12 +3,15 @@
 The figure is per answer token (total NLL / total answer tokens), computed
 with the persona's system prompt, so base model and adapter are scored on
 exactly the same tokens. Lower is better; the SFT run records both and the
-relative reduction in the adapter's ``meta.json``.
+relative reduction in the adapter's ``meta.json``. A retraining run scores a
+persona's held-out splits (its dialogues, its refusals) under the candidate and
+under the frozen copy of the active adapter (``adapters_nll``).
 """
 
 from __future__ import annotations
 
 from train.chat_tokens import IGNORE, Tokenized, tokenize_chat, with_system
+from train.data import load_files
 
 
 def tokenize_examples(tokenizer, examples, system_prompt: str | None) -> list[Tokenized]:
@@ -53,3 +56,22 @@ def mean_nll(model, tokenized: list[Tokenized], pad_id: int, batch_size: int = 8
     if was_training:
         model.train()
     return {"mean_nll": total / max(count, 1), "answer_tokens": count, "examples": len(tokenized)}
+
+
+def adapters_nll(model, tokenizer, persona, split: str, languages: list[str]) -> dict:
+    """Mean NLL per answer token of the persona's ``split`` dialogues in ``languages`` under
+    the candidate ("default") and, where the model holds it, the frozen copy of the active
+    adapter ("ref"): ``{"candidate": x, "active": y}``; ``{}`` when there are none."""
+    files = [(persona.resolve(f.path), f.language) for f in persona.files(split, languages)]
+    examples = load_files(files, languages) if files else []
+    if not examples:
+        return {}
+    tokenized = tokenize_examples(tokenizer, examples, persona.system_prompt)
+    out = {"candidate": mean_nll(model, tokenized, tokenizer.pad_token_id)["mean_nll"]}
+    if "ref" in model.peft_config:
+        model.set_adapter("ref")
+        try:
+            out["active"] = mean_nll(model, tokenized, tokenizer.pad_token_id)["mean_nll"]
+        finally:
+            model.set_adapter("default")
+    return out

@@ -6,6 +6,10 @@
   coin flip), with a positive mean margin;
 * the persona's held-out SFT dialogues: its loss rises by at most the
   recipe's bound over the active adapter's;
+* the persona's held-out safety dialogues (refusals of harmful requests, in the
+  languages its SFT recipe trains, English at least): their loss rises by at
+  most ``max_safety_nll_increase`` over the active adapter's, so votes cannot
+  train the refusals away;
 * a fixed prompt set: its answers are non-empty and not degenerate repetition
   (no more of them are than of the active adapter's answers to the same prompts).
 
@@ -43,15 +47,26 @@ def check(metrics: dict, recipe: DPORecipe) -> list[str]:
             reasons.append(f"held-out reward accuracy {accuracy:.2f} is not above {floor:.2f}")
         if margin is not None and margin <= 0:
             reasons.append(f"held-out reward margin {margin:.4f} is not positive")
-    cand, active = metrics.get("sft_nll_candidate"), metrics.get("sft_nll_active")
-    if cand is not None and active:
-        rise = (cand - active) / active
-        if rise > recipe.max_sft_nll_increase:
-            reasons.append(f"held-out persona loss rose {rise:.1%} ({active:.3f} -> {cand:.3f}); "
-                           f"the bound is {recipe.max_sft_nll_increase:.0%}")
+    rise = _rise(metrics, "sft_nll")
+    if rise is not None and rise[0] > recipe.max_sft_nll_increase:
+        reasons.append(f"held-out persona loss rose {rise[0]:.1%} ({rise[1]:.3f} -> {rise[2]:.3f}); "
+                       f"the bound is {recipe.max_sft_nll_increase:.0%}")
+    rise = _rise(metrics, "safety_nll")
+    if rise is not None and rise[0] > recipe.max_safety_nll_increase:
+        reasons.append(f"held-out refusals lost likelihood: +{rise[0]:.1%} ({rise[1]:.3f} -> {rise[2]:.3f}); "
+                       f"the bound is {recipe.max_safety_nll_increase * 100:g}%")
     bad = [a for a in metrics.get("sanity_answers", []) if degenerate(a)]
     before = sum(degenerate(a) for a in metrics.get("sanity_answers_active", []))
     if len(bad) > before:
         reasons.append(f"{len(bad)} of {len(metrics['sanity_answers'])} answers to the fixed prompts are empty "
                        f"or degenerate (e.g. {bad[0][:60]!r}), against {before} of the active adapter's")
     return reasons
+
+
+def _rise(metrics: dict, prefix: str) -> tuple[float, float, float] | None:
+    """(relative rise, active, candidate) of a mean NLL the run measured for both adapters;
+    None when it measured none (the persona has no such dialogues)."""
+    cand, active = metrics.get(f"{prefix}_candidate"), metrics.get(f"{prefix}_active")
+    if cand is None or not active:
+        return None
+    return (cand - active) / active, active, cand

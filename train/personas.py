@@ -2,6 +2,9 @@
 
 A persona names its system prompt, its languages, its training and held-out
 dialogue files (paths relative to the YAML file) and the SFT recipe it uses.
+Held-out splits are never trained on: ``heldout`` judges the persona's voice,
+``safety`` (refusals of harmful requests) lets the retraining gate check that a
+candidate keeps refusing.
 
     from train.personas import load_persona, list_personas
     teto = load_persona("teto")
@@ -29,6 +32,10 @@ class DataFile:
 class PersonaData:
     train: list[DataFile]
     heldout: list[DataFile] = field(default_factory=list)
+    safety: list[DataFile] = field(default_factory=list)  # held-out refusals the gate measures
+
+
+SPLITS = ("train", "heldout", "safety")
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Persona:
         return (base / rel).resolve()
 
     def files(self, split: str, languages: list[str] | None = None) -> list[DataFile]:
+        """The files of a split ("train", "heldout" or "safety"), those in ``languages`` only if given."""
         files = getattr(self.data, split)
         return [f for f in files if languages is None or f.language in languages]
 
@@ -73,7 +81,7 @@ def _check(p: Persona, path: Path) -> None:
         raise ConfigError(f"{path}: key 'system_prompt' is empty")
     if not p.data.train:
         raise ConfigError(f"{path}: key 'data.train' lists no files")
-    for split in ("train", "heldout"):
+    for split in SPLITS:
         for f in getattr(p.data, split):
             if f.language not in p.languages:
                 raise ConfigError(
