@@ -111,14 +111,17 @@ def seed_votes(path: Path, votes: int) -> None:
         "FROM range(?) t(i)", [contexts * 4])
     thumbs = votes - votes // 10
     store.execute(
-        "INSERT INTO votes SELECT 'turn-' || CAST(floor(random() * ?) AS BIGINT), 0, "
-        "'voter-' || CAST(floor(random() * 10000) AS BIGINT), "
-        "CASE WHEN random() < 0.6 THEN 'up' WHEN random() < 0.95 THEN 'down' ELSE 'retract' END, "
-        "NULL, NULL, NULL, now() - to_seconds(CAST(i AS BIGINT)) FROM range(?) t(i)", [contexts * 4, thumbs])
+        "INSERT INTO votes (turn_id, choice_index, client, vote, reason, comment, user_name, created_at, voter) "
+        "SELECT turn_id, 0, voter, vote, NULL, NULL, NULL, now() - to_seconds(CAST(i AS BIGINT)), voter FROM ("
+        "SELECT i, 'turn-' || CAST(floor(random() * ?) AS BIGINT) AS turn_id, "
+        "'voter-' || CAST(floor(random() * 10000) AS BIGINT) AS voter, "
+        "CASE WHEN random() < 0.6 THEN 'up' WHEN random() < 0.95 THEN 'down' ELSE 'retract' END AS vote "
+        "FROM range(?) t(i))", [contexts * 4, thumbs])
     store.execute(
-        "INSERT INTO comparisons SELECT 'cmp-' || i, 'turn-' || (4 * c), 'turn-' || (4 * c + 1 + i % 3), "
+        "INSERT INTO comparisons (id, turn_a, turn_b, choice, left_turn, client, user_name, created_at, voter) "
+        "SELECT 'cmp-' || i, 'turn-' || (4 * c), 'turn-' || (4 * c + 1 + i % 3), "
         "CASE WHEN r < 0.45 THEN 'a' WHEN r < 0.9 THEN 'b' WHEN r < 0.95 THEN 'tie' ELSE 'both_bad' END, "
-        "'turn-' || (4 * c), 'voter-' || (i % 10000), NULL, now() "
+        "'turn-' || (4 * c), 'voter-' || (i % 10000), NULL, now(), 'voter-' || (i % 10000) "
         "FROM (SELECT i, CAST(floor(random() * ?) AS BIGINT) AS c, random() AS r FROM range(?) t(i))",
         [contexts, votes - thumbs])
     store.close()
@@ -160,7 +163,9 @@ def main(args: argparse.Namespace) -> None:
     from serve.processes import free_port, persona_process
 
     key, port = secrets.token_hex(16), free_port()
-    no_keys = {"PERSONA_API_KEY": "", "PERSONA_ADMIN_KEY": ""}
+    # Loopback clients, no keys: every vote is one voter's, so the vote quota is off here.
+    no_keys = {"PERSONA_API_KEY": "", "PERSONA_ADMIN_KEY": "", "PERSONA_VOTE_QUOTA_MINUTE": "0",
+               "PERSONA_VOTE_QUOTA_DAY": "0"}
     table = Table("votes per commit", "clients", "votes sent", "acknowledged", "found in store", "votes/s",
                   "p50 ms", "p99 ms", "vs one per commit",
                   title="POST /v1/feedback through the gateway (its own process), DuckDB store",

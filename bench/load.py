@@ -238,7 +238,9 @@ def own_stack():
 
     key, port = secrets.token_hex(16), free_port()
     database = Path(tempfile.mkdtemp(prefix="bench-load-")) / "feedback.duckdb"
-    no_keys = {"PERSONA_API_KEY": "", "PERSONA_ADMIN_KEY": ""}  # loopback clients only
+    # Loopback clients only, so every vote is one voter's: the vote quota is off here.
+    no_keys = {"PERSONA_API_KEY": "", "PERSONA_ADMIN_KEY": "", "PERSONA_VOTE_QUOTA_MINUTE": "0",
+               "PERSONA_VOTE_QUOTA_DAY": "0"}
     console.print("starting the embedded engine and the gateway ...")
     try:
         with persona_process(engine_args(port, 2048), port, log_file("bench-engine"),

@@ -6,24 +6,28 @@ a unit at most one nominal value (``x``/``y``/``tie``/``both_bad`` for a pair,
 with ``x`` the answer whose text sorts first; ``up``/``down`` for an answer).
 
 * ``krippendorff_alpha(units)``: nominal alpha for any number of voters with
-  missing values (1 = perfect agreement, 0 = what chance gives, < 0 worse).
+  missing values (1 = perfect agreement, 0 = what chance gives, < 0 worse);
+  ``alpha_from_counts`` and ``alpha_from_sums`` are the same figure from each
+  unit's value counts, or from the sums SQL makes of them.
 * ``cohen_kappa(units, a, b)``: the two-voter special case.
 * ``disagreeing_voters(units)``: voters who disagree with the consensus of the
   others far more often than a voter picking at random would (a one-sided
   binomial test against 1/2 on at least ``min_shared`` shared units with a
-  decisive value, Bonferroni-corrected over the voters tested).
+  decisive value, Bonferroni-corrected over the voters tested); ``flag`` is
+  that rule on per-voter counts, however they were counted.
 
 ``units`` maps a unit key to ``{voter: value}``. Pure functions: the store's
-rows become units in ``feedback.voters``; ``tests/test_agreement.py`` runs the
-rules on simulated raters with known answers.
+rows become units in ``feedback.units`` (which counts the disagreements in SQL
+for the pair builder); ``tests/test_agreement.py`` runs the rules on simulated
+raters with known answers.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from itertools import combinations
 
 Units = dict[object, dict[str, str]]
 
@@ -31,23 +35,32 @@ Units = dict[object, dict[str, str]]
 def krippendorff_alpha(units: Units) -> float | None:
     """Nominal Krippendorff's alpha; None when fewer than two values can be paired or
     every paired value is the same (agreement is then undefined, not perfect)."""
-    coincidence: Counter[tuple[str, str]] = Counter()
-    for ratings in units.values():
-        values = list(ratings.values())
-        m = len(values)
+    return alpha_from_counts(Counter(ratings.values()) for ratings in units.values())
+
+
+def alpha_from_counts(units: Iterable[Mapping[str, float]]) -> float | None:
+    """Nominal alpha from each unit's ``{value: how many voters gave it}``.
+
+    With ``m`` values in a unit and ``n_c`` of them ``c``, the unit adds ``n_c`` to the
+    pairable total of ``c`` and ``(m^2 - sum n_c^2) / (m - 1)`` to the observed
+    disagreement (its coincidences of unequal values)."""
+    totals: Counter[str] = Counter()
+    observed = 0.0
+    for counts in units:
+        m = sum(counts.values())
         if m < 2:
             continue
-        for i, j in combinations(range(m), 2):
-            coincidence[values[i], values[j]] += 1 / (m - 1)
-            coincidence[values[j], values[i]] += 1 / (m - 1)
-    totals: Counter[str] = Counter()
-    for (c, _), count in coincidence.items():
-        totals[c] += count
+        totals.update(counts)
+        observed += (m * m - sum(c * c for c in counts.values())) / (m - 1)
     n = sum(totals.values())
-    expected = sum(totals[c] * totals[k] for c in totals for k in totals if c != k)
-    if n < 2 or expected == 0:
+    return alpha_from_sums(n, observed, n * n - sum(c * c for c in totals.values()))
+
+
+def alpha_from_sums(n: float, observed: float, expected: float) -> float | None:
+    """Alpha from its sums (what SQL can hand over): ``n`` pairable values, the observed
+    disagreement, and the expected one, ``n^2 - sum totals_c^2`` over the values' totals."""
+    if n < 2 or expected <= 0:
         return None
-    observed = sum(count for (c, k), count in coincidence.items() if c != k)
     return 1 - (n - 1) * observed / expected
 
 
@@ -65,10 +78,19 @@ def cohen_kappa(units: Units, a: str, b: str) -> float | None:
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p)."""
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space (a voter with thousands of
+    shared contexts would overflow ``comb(n, i) * p ** i`` as floats)."""
     if k <= 0:
         return 1.0
-    return min(1.0, sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+    if k > n or p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    log_p, log_q, log_n = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    terms = [log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+             for i in range(k, n + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
 @dataclass(frozen=True)
@@ -116,5 +138,11 @@ def disagreeing_voters(units: Units, min_shared: int = 20, level: float = 0.01) 
     """Voters whose disagreement with the others is far above chance: at least
     ``min_shared`` shared units and a p-value under ``level`` divided by the number of
     voters tested (so the chance of flagging any honest voter stays under ``level``)."""
-    tested = [d for d in voter_disagreements(units) if d.shared >= min_shared]
+    return flag(voter_disagreements(units), min_shared, level)
+
+
+def flag(disagreements: Iterable[Disagreement], min_shared: int = 20, level: float = 0.01) -> list[Disagreement]:
+    """The rule of ``disagreeing_voters`` on per-voter counts: of the voters with at least
+    ``min_shared`` shared units, those above chance with p under ``level / voters tested``."""
+    tested = [d for d in disagreements if d.shared >= min_shared]
     return [d for d in tested if d.disagreed > d.chance * d.shared and d.p_value < level / len(tested)]

@@ -7,12 +7,21 @@ which stay inside [0, 1] and are honest for small counts.
     stats.thumbs(db)        # thumbs-up rate per persona and adapter version
     stats.win_rates(db)     # side-by-side win rate per persona and version (versions that met another)
     stats.biases(db)        # how often the left answer wins, how often the longer one wins
+    stats.personas(db)      # distinct voters per persona, turns left out for their own system prompt
+    stats.agreement(db)     # Krippendorff's alpha (Cohen's kappa for two voters) per persona and kind of vote
+    stats.outliers(db)      # voters the pair builder gives no weight, and why
+
+A voter is the ``voter`` column (an API key's fingerprint, a UI login); a
+side-by-side verdict counts once per voter and pair of turns (``current_comparisons``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+
+from feedback import pairs, units
+from feedback.agreement import alpha_from_sums, cohen_kappa
 
 Z95 = 1.959964
 
@@ -50,7 +59,7 @@ def win_rates(db) -> list[dict]:
     rows = db.query_dicts("""
         WITH games AS (
             SELECT ta.persona, ta.adapter_version AS va, tb.adapter_version AS vb, c.choice
-            FROM comparisons c JOIN turns ta ON ta.id = c.turn_a JOIN turns tb ON tb.id = c.turn_b
+            FROM current_comparisons c JOIN turns ta ON ta.id = c.turn_a JOIN turns tb ON tb.id = c.turn_b
             WHERE c.choice <> 'both_bad' AND ta.adapter_version IS DISTINCT FROM tb.adapter_version
         ),
         sides AS (
@@ -72,7 +81,7 @@ def biases(db) -> list[dict]:
             SELECT CASE c.choice WHEN 'a' THEN c.turn_a ELSE c.turn_b END AS winner, c.left_turn,
                    length(json_extract_string(ta.answers, 0)) AS la, length(json_extract_string(tb.answers, 0)) AS lb,
                    c.choice
-            FROM comparisons c JOIN turns ta ON ta.id = c.turn_a JOIN turns tb ON tb.id = c.turn_b
+            FROM current_comparisons c JOIN turns ta ON ta.id = c.turn_a JOIN turns tb ON tb.id = c.turn_b
             WHERE c.choice IN ('a', 'b')
         )
         SELECT count(*) FILTER (winner = left_turn) AS left_wins, count(*) AS decided,
@@ -91,7 +100,7 @@ def votes_over_time(db) -> list[dict]:
             FROM current_votes v JOIN turns t ON t.id = v.turn_id
             UNION ALL
             SELECT date_trunc('day', c.created_at), t.persona, 'comparison'
-            FROM comparisons c JOIN turns t ON t.id = c.turn_a
+            FROM current_comparisons c JOIN turns t ON t.id = c.turn_a
         )
         SELECT day, persona, count(*) FILTER (kind = 'up') AS up, count(*) FILTER (kind = 'down') AS down,
                count(*) FILTER (kind = 'comparison') AS comparisons
@@ -114,15 +123,72 @@ def training_runs(db, limit: int = 50) -> list[dict]:
         FROM training_runs ORDER BY started_at DESC LIMIT ?""", [limit])
 
 
+_VOTERS = """
+    voters AS (
+        SELECT t.persona, coalesce(v.voter, v.client) AS voter FROM current_votes v JOIN turns t ON t.id = v.turn_id
+        UNION ALL
+        SELECT t.persona, coalesce(c.voter, c.client) FROM current_comparisons c JOIN turns t ON t.id = c.turn_a
+    )"""
+
+
 def totals(db) -> dict:
-    turns, votes, comparisons, voters = db.query("""
+    turns, votes, comparisons, voters = db.query(f"""
+        WITH {_VOTERS}
         SELECT (SELECT count(*) FROM turns), (SELECT count(*) FROM current_votes),
-               (SELECT count(*) FROM comparisons),
-               (SELECT count(DISTINCT client) FROM (SELECT client FROM current_votes
-                                                    UNION ALL SELECT client FROM comparisons))""")[0]
+               (SELECT count(*) FROM current_comparisons), (SELECT count(DISTINCT voter) FROM voters)""")[0]
     return {"turns": turns, "votes": votes, "comparisons": comparisons, "voters": voters}
 
 
+def personas(db) -> list[dict]:
+    """Per persona: turns, distinct voters, and the turns (and votes on them) that stay out of
+    preference data because the caller sent its own system prompt."""
+    return db.query_dicts(f"""
+        WITH {_VOTERS},
+        own AS (
+            SELECT t.id FROM turns t WHERE coalesce(t.own_system_prompt, false)
+        ),
+        own_votes AS (
+            SELECT t.persona, count(*) AS n FROM turns t JOIN own ON own.id = t.id
+                 JOIN (SELECT turn_id FROM current_votes UNION ALL SELECT turn_a FROM current_comparisons) v
+                 ON v.turn_id = t.id
+            GROUP BY t.persona
+        )
+        SELECT t.persona, count(*) AS turns, coalesce(any_value(v.voters), 0) AS voters,
+               count(*) FILTER (coalesce(t.own_system_prompt, false)) AS own_prompt_turns,
+               coalesce(any_value(o.n), 0) AS own_prompt_votes
+        FROM turns t
+             LEFT JOIN (SELECT persona, count(DISTINCT voter) AS voters FROM voters GROUP BY persona) v USING (persona)
+             LEFT JOIN own_votes o USING (persona)
+        WHERE t.persona IS NOT NULL GROUP BY t.persona ORDER BY t.persona""")
+
+
+def agreement(db, rules: pairs.PairRules = pairs.PairRules()) -> list[dict]:
+    """Per persona and kind of vote (side by side, thumbs): Krippendorff's alpha on the units
+    (``feedback.units``) judged by two voters or more, how many such units (``contexts``)
+    and voters it rests on, and Cohen's kappa when exactly two voters judged them. The
+    turns are those the pair builder reads."""
+    out = []
+    for r in units.alpha_sums(db, include_own_system_prompt=rules.include_own_system_prompt):
+        kappa = None
+        if r["voters"] == 2:
+            judged = units.read(db, r["persona"], rules.include_own_system_prompt, min_voters=2)
+            shared = judged.get((r["persona"], r["kind"]), {})
+            a, b = sorted({v for ratings in shared.values() for v in ratings})
+            kappa = cohen_kappa(shared, a, b)
+        alpha = alpha_from_sums(r["n"], r["observed"], r["expected"])
+        out.append({"persona": r["persona"], "kind": r["kind"], "alpha": alpha,
+                    "kappa": kappa, "contexts": r["contexts"], "voters": r["voters"]})
+    return out
+
+
+def outliers(db, rules: pairs.PairRules = pairs.PairRules()) -> list[dict]:
+    """The voters the pair builder gives weight 0, per persona, with the outlier rule's reason."""
+    return [{"persona": persona, "voter": d.voter, "shared": d.shared, "disagreed": d.disagreed,
+             "p_value": d.p_value, "reason": d.reason}
+            for persona, found in sorted(pairs.outliers(db, rules=rules).items()) for d in found]
+
+
 def summary(db) -> dict:
-    return {"totals": totals(db), "thumbs": thumbs(db), "win_rates": win_rates(db), "biases": biases(db),
+    return {"totals": totals(db), "personas": personas(db), "agreement": agreement(db), "outliers": outliers(db),
+            "thumbs": thumbs(db), "win_rates": win_rates(db), "biases": biases(db),
             "adapters": adapters(db), "training_runs": training_runs(db)}

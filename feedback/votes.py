@@ -66,13 +66,13 @@ def _check(v: Vote, owners: dict) -> None:
 
 
 def _current(store: Store, turn_ids: list[str]) -> dict[tuple, tuple]:
-    """(turn, answer, client) -> (vote, reason) that counts now, for these turns. Read from the
+    """(turn, answer, client) -> (vote, reason, comment) that counts now, for these turns. Read from the
     votes table with a plain filter (the current_votes view would rank every vote first)."""
     current: dict[tuple, tuple] = {}
-    for t, i, c, vote, reason in store.query(
-            "SELECT turn_id, choice_index, client, vote, reason FROM votes WHERE turn_id IN (SELECT unnest(?)) "
-            "ORDER BY created_at", [turn_ids]):
-        current[t, i, c] = (vote, reason)
+    for t, i, c, vote, reason, comment in store.query(
+            "SELECT turn_id, choice_index, client, vote, reason, comment FROM votes "
+            "WHERE turn_id IN (SELECT unnest(?)) ORDER BY created_at", [turn_ids]):
+        current[t, i, c] = (vote, reason, comment)
     return {k: v for k, v in current.items() if v[0] != "retract"}
 
 
@@ -100,10 +100,10 @@ def record_votes(store: Store, votes: list[Vote]) -> list[str | APIError]:
         if v.vote == "retract" and now is None:
             results.append("nothing to retract")
             continue
-        if now is not None and now == (v.vote, v.reason):
+        if now is not None and now == (v.vote, v.reason, v.comment):
             results.append("unchanged")
             continue
-        current[key] = None if v.vote == "retract" else (v.vote, v.reason)
+        current[key] = None if v.vote == "retract" else (v.vote, v.reason, v.comment)
         if current[key] is None:
             del current[key]
         rows.append([v.turn_id, v.choice_index, v.client, v.vote, v.reason, v.comment, v.user_name, utc_now(),

@@ -30,7 +30,8 @@ def add_arguments(sub) -> None:
                        help="the running gateway to ask for a snapshot when it holds the file")
         p.add_argument("--snapshot", help="read this snapshot folder instead")
 
-    p = sub.add_parser("stats", help="votes, thumbs-up and win rates with 95%% intervals, biases, runs")
+    p = sub.add_parser("stats", help="votes, voters and their agreement, thumbs-up and win rates with 95%% "
+                                     "intervals, biases, runs")
     common(p)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=stats)
@@ -87,6 +88,38 @@ def stats(args) -> None:
     t = figures["totals"]
     out.print(f"{t['turns']} turns, {t['votes']} current thumbs votes, {t['comparisons']} side-by-side votes, "
               f"{t['voters']} voters")
+    _print_voters(figures)
+    _print_rates(figures)
+    _print_training(figures)
+
+
+def _number(value, fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _print_voters(figures: dict) -> None:
+    table = Table("persona", "turns", "voters", "own system prompt: turns left out", "votes on them",
+                  title="Voters per persona (turns with the caller's own system prompt do not train)")
+    for r in figures["personas"]:
+        table.add_row(r["persona"], str(r["turns"]), str(r["voters"]), str(r["own_prompt_turns"]),
+                      str(r["own_prompt_votes"]))
+    out.print(table)
+    table = Table("persona", "votes", "Krippendorff's alpha", "Cohen's kappa", "contexts", "voters",
+                  title="Agreement between voters (contexts judged by 2+ voters; 1 = agree, 0 = chance)")
+    for r in figures["agreement"]:
+        table.add_row(r["persona"], r["kind"].replace("_", " "), _number(r["alpha"]), _number(r["kappa"]),
+                      str(r["contexts"]), str(r["voters"]))
+    out.print(table)
+    if figures["outliers"]:
+        table = Table("persona", "voter", "why", title="Voters given no weight (against the others' consensus)")
+        for r in figures["outliers"]:
+            table.add_row(r["persona"], r["voter"], r["reason"])
+        out.print(table)
+    else:
+        out.print("No voter goes against the others' consensus more than chance would.")
+
+
+def _print_rates(figures: dict) -> None:
     table = Table("persona", "version", "up", "down", "thumbs-up rate", "95% interval",
                   title="Thumbs per persona and adapter version")
     for r in figures["thumbs"]:
@@ -103,6 +136,9 @@ def stats(args) -> None:
     for r in figures["biases"]:
         table.add_row(r["bias"], str(r["wins"]), str(r["n"]), _pct(r["rate"]), f"{r['low']:.0%} – {r['high']:.0%}")
     out.print(table)
+
+
+def _print_training(figures: dict) -> None:
     table = Table("persona", "version", "status", "kind", "parent", "metrics", title="Adapters")
     for r in figures["adapters"]:
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in r["metrics"].items()

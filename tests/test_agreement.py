@@ -128,3 +128,55 @@ def test_no_consensus_no_judgement():
     units = {u: {"a": "x", "b": "y"} for u in range(40)}
     assert voter_disagreements(units) == []
     assert not flagged(units)
+
+
+def test_binomial_tail_of_a_heavy_voter_does_not_overflow():
+    assert binomial_tail(1500, 2000, 0.5) < 1e-100
+    assert binomial_tail(1000, 2000, 0.5) == pytest.approx(0.5, abs=0.01)
+
+
+def test_units_from_the_store_give_the_same_figures_in_sql_and_in_python(tmp_path):
+    """Voters of known tastes vote through the store (thumbs and side by side, some twice,
+    some on answers with the same text); the SQL counts of the outlier rule and alpha's
+    sums equal the pure functions on the units read back."""
+    from feedback import units
+    from feedback.agreement import alpha_from_sums
+    from feedback.store import Store, Turn
+    from feedback.votes import record_comparison, record_vote
+
+    store = Store.open(tmp_path / "f.duckdb")
+    rng = random.Random(4)
+    panel = {"good": 0.1, "noisy": 0.3, "coin": 0.5, "bad": 0.9}
+
+    def turn(tid, voter, question, answer):
+        store.add_turn(Turn(id=tid, requested_model="teto", messages=[{"role": "user", "content": question}],
+                            answers=[answer], finish_reasons=["stop"], sampling={}, stream=False, latency_ms=1.0,
+                            client=voter, persona="teto", adapter="teto-v1", adapter_version=1))
+
+    for u in range(40):
+        truth = rng.random() < 0.5
+        for voter, flip in panel.items():
+            if rng.random() < 0.8:
+                vote = "up" if truth != (rng.random() < flip) else "down"
+                turn(f"{voter}-t{u}", voter, f"thumbs {u}", f"answer {u}")
+                record_vote(store, f"{voter}-t{u}", vote, voter)
+            if rng.random() < 0.8:
+                turn(f"{voter}-a{u}", voter, f"pair {u}", f"zebra {u}")
+                turn(f"{voter}-b{u}", voter, f"pair {u}", f"apple {u}")
+                wins_b = truth != (rng.random() < flip)          # b's text 'apple' sorts first: x
+                left = rng.choice("ab")
+                choice = rng.choice(["tie", "both_bad"]) if rng.random() < 0.1 else ("b" if wins_b else "a")
+                record_comparison(store, f"{voter}-a{u}", f"{voter}-b{u}", choice, left=left, client=voter)
+    judged = units.read(store, "teto")
+    sbs = judged["teto", "side_by_side"]
+    assert {v for r in sbs.values() for v in r.values()} <= {"x", "y", "tie", "both_bad"}
+    decisive = {}
+    for (_, kind), by_unit in judged.items():
+        for key, ratings in by_unit.items():
+            decisive[kind, key] = {v: x for v, x in ratings.items() if x in ("x", "y", "up", "down")}
+    assert units.disagreements(store, "teto")["teto"] == voter_disagreements(decisive)
+    for row in units.alpha_sums(store, "teto"):
+        shared = {k: r for k, r in judged["teto", row["kind"]].items() if len(r) >= 2}
+        assert row["contexts"] == len(shared) and row["voters"] == len({v for r in shared.values() for v in r})
+        assert alpha_from_sums(row["n"], row["observed"], row["expected"]) == pytest.approx(krippendorff_alpha(shared))
+    store.close()

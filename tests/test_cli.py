@@ -38,7 +38,7 @@ def test_bad_dataset_record_names_file_line_field(tmp_path):
 def test_shipped_data_checks_clean():
     from train.personas import list_personas
 
-    files = sum(len(p.data.train) + len(p.data.heldout) for p in list_personas())
+    files = sum(len(p.data.train) + len(p.data.heldout) + len(p.data.safety) for p in list_personas())
     result = persona("data", "check")
     assert result.returncode == 0, result.stderr
     assert f"records in {files} files are valid" in result.stdout
@@ -82,7 +82,7 @@ def test_train_list_chat_end_to_end(tmp_path, tiny_model_dir):
     assert trained.returncode == 0, trained.stderr
     assert "Saved tiny-v1" in trained.stderr and "Training took" in trained.stderr
     listed = persona("adapters", "list", env=env)
-    assert "v1" in listed.stdout and "*" in listed.stdout
+    assert "v1" in listed.stdout and "active" in listed.stdout
     chat = persona("chat", "--persona", "tiny", "--max-tokens", "5", "hello", env=env)
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.startswith("Tiny:") and "tiny-v1" in chat.stderr

@@ -63,7 +63,8 @@ def home() -> Path:
 def test_sigkill_during_a_vote_burst_loses_no_acknowledged_vote(tiny_home, tmp_path):
     from feedback.store import Store
 
-    with gateway_process(tiny_home, tmp_path) as (url, proc):
+    no_quota = {"PERSONA_VOTE_QUOTA_MINUTE": "0", "PERSONA_VOTE_QUOTA_DAY": "0"}  # one loopback voter, many votes
+    with gateway_process({**tiny_home, **no_quota}, tmp_path) as (url, proc):
         turns = [httpx.post(url + "/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=60).json()["id"]
                  for _ in range(4)]
         acknowledged, stop = [], threading.Event()
@@ -218,11 +219,13 @@ def test_promotion_refused_by_an_engine_keeps_the_persona_on_its_version(tiny_mo
         make_lora(tiny_model_dir, staging, seed=seed)
         registry.commit("tiny", staging, {"kind": "sft" if seed == 1 else "dpo"})
     registry.set_active("tiny", 1)
-    reloads, recorded = [], []
+    reloads, recorded, markers = [], [], []
 
     class RefusingGateway:
         def reload(self):
+            promoting = registry._read_pointers()["tiny"].get("promoting") or {}
             reloads.append(registry.active("tiny").version)
+            markers.append((promoting.get("version"), promoting.get("previous"), promoting.get("run")))
             if len(reloads) == 1:
                 raise UserError("the gateway refused /admin/reload (400): Loading lora adapter 'tiny-v2' failed")
             return {"tiny": "tiny-v1"}
@@ -232,9 +235,13 @@ def test_promotion_refused_by_an_engine_keeps_the_persona_on_its_version(tiny_mo
 
     run = loop._promote({"id": "r1", "persona": "tiny", "status": "gating"}, RefusingGateway(), None, "tiny", 2, 1)
     assert reloads == [2, 1]                                  # tried v2, then went back to v1 everywhere
+    assert markers == [(2, 1, "r1")] * 2                      # under way until the reload after the refusal
     assert registry.active("tiny").version == 1
+    assert "promoting" not in registry._read_pointers()["tiny"]
     assert run["status"] == recorded[-1]["status"] == "failed"
     assert "stays on v1" in run["message"] and "tiny-v2" in run["message"]
+    state, reason = registry.status("tiny", 2)                # never served again, not even by pin
+    assert state == "rejected" and "tiny-v2" in reason
 
 
 def test_killed_training_run_registers_nothing(tiny_home, tmp_path):
@@ -255,7 +262,7 @@ def test_killed_training_run_registers_nothing(tiny_home, tmp_path):
         record_comparison(store, f"t{i}a", f"t{i}b", "a", "a", "c")
     store.close()
     recipe = tmp_path / "slow.yaml"
-    recipe.write_text("epochs: 50\n")
+    recipe.write_text("epochs: 50\nmin_voters: 1\n")  # one voter made these pairs
     args = ["retrain", "--persona", "tiny", "--here", "--gateway", "http://127.0.0.1:9", "--recipe", str(recipe)]
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli", *args], env={**os.environ, **tiny_home},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -269,7 +276,7 @@ def test_killed_training_run_registers_nothing(tiny_home, tmp_path):
     assert [v.version for v in registry.versions("tiny")] == [1] and registry.active("tiny").version == 1
 
     quick = tmp_path / "quick.yaml"
-    quick.write_text("epochs: 1\nmin_reward_accuracy: 1.0\n")   # trains, then the gate rejects it
+    quick.write_text("epochs: 1\nmin_voters: 1\nmin_reward_accuracy: 1.0\n")   # trains, then the gate rejects it
     again = persona("retrain", "--persona", "tiny", "--here", "--gateway", "http://127.0.0.1:9", "--recipe",
                     str(quick), env=tiny_home, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]

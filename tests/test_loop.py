@@ -74,7 +74,7 @@ def test_simulated_votes_retrain_gate_promote_rollback(tiny_home, tmp_path):
 
         # A candidate that fails the gate is kept on disk but never served.
         strict = tmp_path / "strict.yaml"
-        strict.write_text("min_reward_accuracy: 1.0\nepochs: 1\n")
+        strict.write_text("min_reward_accuracy: 1.0\nepochs: 1\nmin_voters: 1\n")  # one simulated voter
         rejected = persona("retrain", "--persona", "tiny", "--here", "--gateway", url, "--recipe", str(strict),
                            env=tiny_home, timeout=900)
         assert rejected.returncode == 0, rejected.stderr[-3000:]

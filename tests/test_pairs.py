@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from feedback import pairs, stats
@@ -19,10 +21,11 @@ def store(tmp_path):
     s.close()
 
 
-def serve(store, turn_id, answer, question="hi", client="c1", persona="teto", version=1):
+def serve(store, turn_id, answer, question="hi", client="c1", persona="teto", version=1, voter=None, own=False):
     store.add_turn(Turn(id=turn_id, requested_model=persona, messages=[SYSTEM, {"role": "user", "content": question}],
                         answers=[answer], finish_reasons=["stop"], sampling={}, stream=True, latency_ms=1.0,
-                        client=client, persona=persona, adapter=f"{persona}-v{version}", adapter_version=version))
+                        client=client, persona=persona, adapter=f"{persona}-v{version}", adapter_version=version,
+                        voter=voter, own_system_prompt=own))
 
 
 def dpo(store, persona="teto", rules=pairs.PairRules()):
@@ -185,3 +188,161 @@ def test_adapter_sync_retires_versions_gone_from_disk(store):
     assert store.query("SELECT name, status FROM adapters ORDER BY name") == [("teto-v1", "retired"),
                                                                               ("teto-v2", "active")]
     assert [r["version"] for r in stats.adapters(store)] == [2]
+
+
+# ---- voters, agreement, outliers, own system prompts, unsafe answers ---------------------------
+
+def test_a_voter_is_the_voter_column_not_the_client(store):
+    serve(store, "t1", "good", client="ip:127.0.0.1", voter="user:ann")
+    serve(store, "t2", "bad", client="ip:127.0.0.1", voter="user:ann")
+    serve(store, "t3", "fine", question="other", client="ip:127.0.0.1", voter="user:bob")
+    record_vote(store, "t1", "up", "ip:127.0.0.1")
+    record_vote(store, "t2", "down", "ip:127.0.0.1")
+    record_vote(store, "t3", "up", "ip:127.0.0.1")
+    pairs.build(store, "teto")
+    assert store.query("SELECT voters FROM pref_dpo") == [(["user:ann"],)]
+    assert store.query("SELECT voters FROM pref_kto") == [(["user:bob"],)]
+    assert stats.totals(store)["voters"] == 2
+    assert [(r["persona"], r["voters"]) for r in stats.personas(store)] == [("teto", 2)]
+
+
+def test_a_changed_verdict_counts_once(store):
+    serve(store, "t1", "one")
+    serve(store, "t2", "two")
+    record_comparison(store, "t1", "t2", "a", left="a", client="c1")
+    record_comparison(store, "t1", "t2", "b", left="b", client="c1")   # changed their mind
+    assert dpo(store) == [("two", "one", 1.0)]
+    assert stats.totals(store)["comparisons"] == 1
+
+
+def thumbs_panel(store, votes: dict[str, list[str]], persona="teto"):
+    """Each voter thumbs context i's answer on a turn of their own, with the same answer text."""
+    for voter, values in votes.items():
+        for i, value in enumerate(values):
+            serve(store, f"{voter}-{i}", f"answer {i}", question=f"question {i}", client=voter, persona=persona)
+            record_vote(store, f"{voter}-{i}", value, voter)
+
+
+def test_agreement_of_identical_raters_is_one(store):
+    rng = random.Random(0)
+    truth = [rng.choice(["up", "down"]) for _ in range(40)]
+    thumbs_panel(store, {"a": truth, "b": truth})
+    (row,) = stats.agreement(store)
+    assert (row["persona"], row["kind"], row["contexts"], row["voters"]) == ("teto", "thumbs", 40, 2)
+    assert row["alpha"] == pytest.approx(1.0) and row["kappa"] == pytest.approx(1.0)
+
+
+def test_agreement_of_coin_flipping_raters_is_about_zero(store):
+    rng = random.Random(1)
+    thumbs_panel(store, {v: [rng.choice(["up", "down"]) for _ in range(150)] for v in ("a", "b", "c")})
+    (row,) = stats.agreement(store)
+    assert (row["contexts"], row["voters"], row["kappa"]) == (150, 3, None)  # kappa: two voters only
+    assert abs(row["alpha"]) < 0.12
+
+
+def contrarian_panel(store, contexts=30):
+    """Three voters prefer 'good i' side by side; one always prefers 'bad i'."""
+    for voter in ("h1", "h2", "h3", "contra"):
+        for i in range(contexts):
+            serve(store, f"{voter}-{i}-g", f"good {i}", question=f"q{i}", client=voter)
+            serve(store, f"{voter}-{i}-b", f"bad {i}", question=f"q{i}", client=voter)
+            choice = "b" if voter == "contra" else "a"
+            record_comparison(store, f"{voter}-{i}-g", f"{voter}-{i}-b", choice, left="a", client=voter)
+
+
+def test_a_contrarian_voter_weighs_nothing_and_is_listed_with_the_reason(store):
+    contrarian_panel(store)
+    got = dpo(store)
+    assert len(got) == 30 and all(c.startswith("good") and w == 3.0 for c, _, w in got)
+    assert {tuple(sorted(r[0])) for r in store.query("SELECT voters FROM pref_dpo")} == {("h1", "h2", "h3")}
+    (flagged,) = stats.outliers(store)
+    assert (flagged["persona"], flagged["voter"], flagged["shared"], flagged["disagreed"]) == ("teto", "contra", 30, 30)
+    assert "30 of 30 shared contexts" in flagged["reason"]
+    (row,) = stats.agreement(store)
+    assert (row["kind"], row["contexts"], row["voters"]) == ("side_by_side", 30, 4) and row["alpha"] < 0.5
+    # With the rule off, the contrarian's votes count again (3 - 1 per pair).
+    kept = dpo(store, rules=pairs.PairRules(drop_outliers=False))
+    assert {w for _, _, w in kept} == {2.0}
+    assert {tuple(sorted(r[0])) for r in store.query("SELECT voters FROM pref_dpo")} == {("contra", "h1", "h2", "h3")}
+
+
+def test_the_outlier_rule_waits_for_enough_shared_contexts(store):
+    contrarian_panel(store, contexts=19)
+    assert stats.outliers(store) == []
+    assert dpo(store, rules=pairs.PairRules(outlier_min_shared=10))[0][2] == 3.0   # a recipe may judge sooner
+    assert {w for _, _, w in dpo(store)} == {2.0}
+
+
+def test_turns_with_their_own_system_prompt_stay_out_by_default(store):
+    serve(store, "t1", "good", own=True)
+    serve(store, "t2", "bad", own=True)
+    serve(store, "t3", "lonely", question="other")
+    record_vote(store, "t1", "up", "c1")
+    record_vote(store, "t2", "down", "c1")
+    record_vote(store, "t3", "up", "c1")
+    assert dpo(store) == []
+    assert [r["completion"][0]["content"] for r in store.query_dicts("SELECT * FROM pref_kto")] == ["lonely"]
+    assert dpo(store, rules=pairs.PairRules(include_own_system_prompt=True)) == [("good", "bad", 1.0)]
+    (row,) = stats.personas(store)
+    assert (row["turns"], row["own_prompt_turns"], row["own_prompt_votes"]) == (3, 2, 2)
+
+
+def test_an_unsafe_answer_is_never_chosen_whatever_other_votes_say(store):
+    # Context q1: three voters like the answer, one thumbs it down as unsafe; a fifth voter
+    # even prefers it side by side over a safe one.
+    for i, voter in enumerate(["c1", "c2", "c3", "c4", "c5"]):
+        serve(store, f"u{i}", "risky answer", question="q1", client=voter)
+    serve(store, "s5", "safe answer", question="q1", client="c5")
+    for i in range(3):
+        record_vote(store, f"u{i}", "up", f"c{i + 1}")
+    record_vote(store, "u3", "down", "c4", reason="Unsafe")
+    record_comparison(store, "u4", "s5", "a", left="a", client="c5")
+    # Context q2: the same conflict, on an answer in no pair; the reason in another case.
+    for i, voter in enumerate(["c1", "c2", "c3", "c4"]):
+        serve(store, f"k{i}", "risky alone", question="q2", client=voter)
+        unsafe = voter == "c4"
+        record_vote(store, f"k{i}", "down" if unsafe else "up", voter, reason="UNSAFE" if unsafe else None)
+    assert dpo(store) == [("safe answer", "risky answer", 1.0)]       # turned round, not dropped
+    kto = {(r["completion"][0]["content"], r["label"]) for r in store.query_dicts("SELECT * FROM pref_kto")}
+    assert kto == {("risky alone", False)}
+    sft = {r["messages"][-1]["content"] for r in store.query_dicts("SELECT * FROM pref_sft")}
+    assert sft == {"safe answer"}
+
+
+def test_two_unsafe_answers_make_no_pair(store):
+    serve(store, "a", "bad one", question="q")
+    serve(store, "b", "bad two", question="q")
+    record_comparison(store, "a", "b", "a", left="a", client="c1")
+    for turn in ("a", "b"):
+        record_vote(store, turn, "down", "c1", reason="unsafe")
+    assert dpo(store) == []
+    kto = {(r["completion"][0]["content"], r["label"]) for r in store.query_dicts("SELECT * FROM pref_kto")}
+    assert kto == {("bad one", False), ("bad two", False)}
+
+
+def test_feedback_stats_shows_voters_agreement_and_flagged_voters(store, capsys, monkeypatch):
+    import json
+    from argparse import Namespace
+
+    from rich.console import Console
+
+    from serve import cli_feedback
+
+    monkeypatch.setattr(cli_feedback, "out", Console(width=250))  # one table row a line
+
+    contrarian_panel(store)
+    serve(store, "own", "mine", question="own", client="h1", own=True)
+    path = store.path
+    store.close()
+    args = Namespace(database=str(path), snapshot=None, gateway="http://127.0.0.1:1", json=True)
+    cli_feedback.stats(args)
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["personas"] == [{"persona": "teto", "turns": 241, "voters": 4, "own_prompt_turns": 1,
+                                    "own_prompt_votes": 0}]
+    (row,) = figures["agreement"]
+    assert (row["kind"], row["contexts"], row["voters"], row["kappa"]) == ("side_by_side", 30, 4, None)
+    assert [r["voter"] for r in figures["outliers"]] == ["contra"]
+    cli_feedback.stats(Namespace(**{**vars(args), "json": False}))
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Agreement between voters" in text and "side by side" in text
+    assert "contra" in text and "disagreed with the other voters' consensus on 30 of 30" in text

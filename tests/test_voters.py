@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from feedback.voters import cap_shares, contributions, split_by_voter
+from feedback.voters import apply_run_rules, cap_shares, contributions, split_by_voter
 
 
 def rows_of(weights: dict[str, int], contexts_per_voter: bool = True) -> list[dict]:
@@ -79,3 +79,22 @@ def test_a_heavy_voter_is_never_the_judge():
 def test_split_by_voter_needs_three_voters():
     assert split_by_voter(rows_of({"a": 10, "b": 10}), 10) is None
     assert split_by_voter(rows_of({"a": 10, "b": 10, "c": 10}), 10) is not None
+
+
+def test_run_rules_cap_the_training_rows_after_the_split():
+    """The split comes first, on the votes' own weights (so the heavy voter never judges), and the
+    cap then holds on the training rows it kept, whatever the split dropped."""
+    rng = random.Random(5)
+    for _ in range(50):
+        rows = [{"weight": 1.0, "voters": [f"v{rng.randint(0, 6)}"], "context": f"c{rng.randint(0, 80)}",
+                 "split": "train"} for _ in range(300)]
+        rows += [{"weight": 1.0, "voters": ["heavy"], "context": f"c{rng.randint(0, 80)}", "split": "train"}
+                 for _ in range(400)]
+        kept, figures = apply_run_rules(rows, 0.25, 10)
+        assert max(shares([r for r in kept if r["split"] == "train"]).values()) <= 0.25 + 1e-9
+        assert "heavy" not in figures["heldout_voters"]
+        assert figures["largest_share_before"] > 0.5 and figures["largest_share_after"] <= 0.25 + 1e-9
+        assert figures["split"] == "voter" and figures["dropped_rows"] == len(rows) - len(kept)
+        held = {v for r in kept if r["split"] == "heldout" for v in r["voters"]}
+        assert held == set(figures["heldout_voters"])
+        assert not held & {v for r in kept if r["split"] == "train" for v in r["voters"]}

@@ -26,6 +26,7 @@ left marked as going are closed first (``feedback.runs.close_interrupted``).
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def kind_from_counts(method: str, counts: dict, min_pairs: int) -> str:
 def retrain(persona: str, gateway: str | None = None, force: bool = False, recipe_name: str = "dpo",
             snapshot: str | None = None) -> dict:
     """One run for ``persona``; returns its record. ``snapshot``: a snapshot folder to read
-    instead of asking the gateway for one; ``force``: train below the recipe's min_pairs."""
+    instead of asking the gateway for one; ``force``: train below the recipe's min_pairs and
+    min_voters."""
     from train.personas import load_persona
     from train.recipes import DPORecipe, load_recipe
 
@@ -133,14 +135,16 @@ def retrain(persona: str, gateway: str | None = None, force: bool = False, recip
         raise UserError(f"{persona} has no active adapter yet (run: persona train sft --persona {persona})")
     client = GatewayClient.reachable(gateway)
     db = open_feedback(client, snapshot)
-    run_dir = settings.runs_dir() / "retrain" / f"{persona}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = new_run_dir(persona)
     run = {"id": run_dir.name, "persona": persona, "status": "running", "parent_version": active.version,
            "started_at": runs.now()}
     try:
         runs.close_interrupted(db, persona, lambda row: _record(row, client, db))
-        data, kind, examples = export_preferences(db, persona, recipe, run_dir)
-        run.update(kind=kind, train_examples=examples)
+        data, kind, examples, voters = export_preferences(db, persona, recipe, run_dir)
+        run.update(kind=kind, train_examples=examples, metrics={"voter_rules": voters})
+        if voters["voters"] < recipe.min_voters and not force:
+            return _finish(run, client, db, "skipped", f"the {kind} data comes from {voters['voters']} distinct "
+                                                       f"voter(s); the recipe needs {recipe.min_voters} (min_voters)")
         if examples < recipe.min_pairs and not force:  # the step's own rule (train.dpo.load_data)
             return _finish(run, client, db, "skipped", f"{examples} training {kind} examples; the recipe "
                                                        f"needs {recipe.min_pairs} (min_pairs)")
@@ -163,17 +167,28 @@ def open_feedback(client: GatewayClient | None, snapshot: str | None):
     return Store.open()
 
 
-def export_preferences(db, persona: str, recipe, run_dir: Path) -> tuple[Path, str, int]:
-    """Build the persona's pairs with the recipe's rules and write the run's kind as Parquet
-    (the step's input); returns (file, kind, training examples in it)."""
-    counts = pairs.build(db, persona, recipe.pair_rules(), kinds=("dpo", "kto"))
+def export_preferences(db, persona: str, recipe, run_dir: Path) -> tuple[Path, str, int, dict]:
+    """Build the persona's pairs with the recipe's rules, apply the run-level voter rules
+    (``feedback.voters.apply_run_rules``: the share cap, the held-out split by voter) and
+    write the run's kind as Parquet (the step's input); returns (file, kind, training
+    examples in it, the voter figures for the run's metrics)."""
+    from feedback import voters
+
+    rules = recipe.pair_rules()
+    counts = pairs.build(db, persona, rules, kinds=("dpo", "kto"))
     kind = kind_from_counts(recipe.method, counts, recipe.min_pairs)
+    table = f"pref_{kind}"
+    rows, figures = voters.apply_run_rules(export.read_rows(db, table), recipe.share_cap, recipe.heldout_percent,
+                                           recipe.min_voters)
+    export.write_back(db, table, rows)
+    figures["outliers"] = [d.voter for d in pairs.outliers(db, persona, rules).get(persona, [])]
     data = run_dir / f"{kind}.parquet"
-    export.write_table(db, f"pref_{kind}", data)
-    train = export.count(db, f"pref_{kind}", "train")
+    export.write_table(db, table, data)
+    train = export.count(db, table, "train")
     console.print(f"{persona}: {counts['dpo']} DPO pairs, {counts['kto']} KTO examples -> {kind} run {run_dir.name} "
-                  f"({train} {kind} examples to train on)")
-    return data, kind, train
+                  f"({train} {kind} examples to train on; {figures['voters']} voters, held out by "
+                  f"{figures['split']}, largest voter share {figures['largest_share_after']:.0%})")
+    return data, kind, train, figures
 
 
 def _train_gate_promote(run: dict, client, db, persona, data: Path, recipe, force: bool) -> dict:
@@ -186,23 +201,51 @@ def _train_gate_promote(run: dict, client, db, persona, data: Path, recipe, forc
     run.update(adapter_version=version.version, train_examples=metrics["train_examples"],
                heldout_examples=metrics["heldout_examples"], reward_accuracy=metrics.get("reward_accuracy"),
                reward_margin=metrics.get("reward_margin"),
-               metrics={k: v for k, v in metrics.items() if k != "sanity_answers"})
+               metrics={**run.get("metrics", {}), **{k: v for k, v in metrics.items() if k != "sanity_answers"}})
     _record({**run, "status": "gating"}, client, db)
     reasons = gate.check(metrics, recipe)
-    if reasons:
+    if reasons:  # kept on disk, but never served, not even by pin
+        registry.mark_rejected(persona.name, version.version, "; ".join(reasons))
         return _finish(run, client, db, "rejected", "; ".join(reasons))
     return _promote(run, client, db, persona.name, version.version, run["parent_version"])
 
 
-def _promote(run: dict, client, db, persona: str, version: int, previous: int) -> dict:
-    registry.set_active(persona, version, reason=f"retrain {run['id']}")
-    if client:
+def new_run_dir(persona: str) -> Path:
+    """A new, empty folder for a run: the time to the second and a random suffix (two runs
+    may start in the same second), created exclusively so no two runs share one."""
+    parent = settings.runs_dir() / "retrain"
+    parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        path = parent / f"{persona}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         try:
-            client.reload()
-        except UserError as exc:  # an engine refused the adapter: stay on the old version
-            registry.set_active(persona, previous, reason=f"engine refused v{version}")
-            client.reload()
-            return _finish(run, client, db, "failed", f"promotion failed, {persona} stays on v{previous}: {exc}")
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise UserError(f"could not create a run folder under {parent}")
+
+
+def _promote(run: dict, client, db, persona: str, version: int, previous: int) -> dict:
+    """Move the pointer to ``version`` and have the gateway hot-swap it. The registry marks
+    the promotion as under way until the reload answered, so a process killed in between
+    leaves it for ``registry.reconcile``. ``previous`` is the version the run started from;
+    a refused promotion goes back to the one the pointer named just before (the same,
+    unless someone promoted another meanwhile)."""
+    try:
+        with registry.promotion(persona, version, run["id"]) as promotion:
+            if promotion.previous != previous:
+                console.print(f"[yellow]{persona}: v{promotion.previous} became active while run {run['id']} "
+                              f"trained from v{previous}[/]")
+            if client:
+                try:
+                    client.reload()
+                except UserError as exc:  # an engine refused the adapter: stay on the old version
+                    promotion.undo(f"an engine refused it: {exc}")
+                    client.reload()
+                    return _finish(run, client, db, "failed",
+                                   f"promotion failed, {persona} stays on v{promotion.previous}: {exc}")
+    except registry.RegistryError as exc:  # e.g. another promotion of the persona is under way
+        return _finish(run, client, db, "failed", f"not promoted: {exc}")
     return _finish(run, client, db, "promoted", f"{persona} now serves v{version}")
 
 

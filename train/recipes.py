@@ -95,14 +95,22 @@ class DPORecipe(TrainingRecipe):
     # ---- the data and the gate ----
     heldout_percent: int = 10             # share of prompt contexts held out to judge the candidate
     voter_cap: float = 200.0              # the most weight one voter's votes carry, all together
+    drop_outliers: bool = True            # voters far more against the others than chance weigh 0
+    outlier_min_shared: int = 20          # shared contexts before the outlier rule judges a voter
+    include_own_system_prompt: bool = False  # train on turns where the caller replaced the persona's prompt
+    share_cap: float = 0.25               # the most of a run's total weight one voter carries
+    min_voters: int = 3                   # fewer distinct voters in a run's data: no run (unless forced)
     min_pairs: int = 8                    # fewer training pairs than this: no run
     min_reward_accuracy: float = 0.55     # held-out implicit reward accuracy the candidate must reach
     max_sft_nll_increase: float = 0.10    # relative rise of held-out persona SFT loss allowed
+    max_safety_nll_increase: float = 0.05  # relative rise of the held-out refusals' loss allowed
     sanity_max_tokens: int = 48           # answers to the fixed prompt set
 
     def pair_rules(self) -> PairRules:
         """The pair builder's rules for this recipe's data (the loop and the scheduler's count)."""
-        return PairRules(voter_cap=self.voter_cap, heldout_percent=self.heldout_percent)
+        return PairRules(voter_cap=self.voter_cap, heldout_percent=self.heldout_percent,
+                         drop_outliers=self.drop_outliers, outlier_min_shared=self.outlier_min_shared,
+                         include_own_system_prompt=self.include_own_system_prompt)
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -132,7 +140,10 @@ def _check(recipe, path: Path) -> None:
     positive = {"batch_size": recipe.batch_size, "grad_accum": recipe.grad_accum,
                 "max_length": recipe.max_length}
     if isinstance(recipe, DPORecipe):
-        positive.update(beta=recipe.beta, min_pairs=recipe.min_pairs)
+        positive.update(beta=recipe.beta, min_pairs=recipe.min_pairs, min_voters=recipe.min_voters,
+                        outlier_min_shared=recipe.outlier_min_shared, share_cap=recipe.share_cap)
+        if recipe.share_cap > 1:
+            raise ConfigError(f"{path}: key 'share_cap' is a share of the run's weight, at most 1")
         if not 0 <= recipe.min_reward_accuracy <= 1:
             raise ConfigError(f"{path}: key 'min_reward_accuracy' must be between 0 and 1")
     else:

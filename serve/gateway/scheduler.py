@@ -1,6 +1,7 @@
 """The retrain scheduler inside the gateway: when a persona has gathered enough new
-preference pairs (counted with the recipe's own pair rules) and its last run is at
-least ``interval`` ago, it starts a run.
+preference pairs (counted with the recipe's own pair rules), its pairs come from at
+least the recipe's ``min_voters`` distinct voters, and its last run is at least
+``interval`` ago, it starts a run.
 
 A run is one task here, which owns it from start to end: the gateway exports a
 snapshot of its store (in a thread; this process owns the store), then starts
@@ -12,7 +13,7 @@ cannot record its own end, so the task records it as failed. One run per persona
 a time.
 
 serve does not import train: the CLI root (``serve/cli_up.py``) reads the recipe and
-hands in its pair rules.
+hands in its pair rules and min_voters.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ScheduleConfig:
     log_dir: Path = Path(".")
     recipe: str = "dpo"           # preference recipe of the runs
     rules: pairs.PairRules = field(default_factory=pairs.PairRules)  # that recipe's pair rules
+    min_voters: int = 1           # distinct voters the persona's DPO pairs must come from (the recipe's)
 
 
 class Scheduler:
@@ -51,6 +53,7 @@ class Scheduler:
         self.gateway, self.config = gateway, config
         self.running: dict[str, asyncio.Task] = {}
         self.last_start: dict[str, float] = {}
+        self.short_of_voters: dict[str, int] = {}  # persona -> voters, when it last waited for more
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -82,11 +85,19 @@ class Scheduler:
             persona = target.persona
             if self.busy(persona) or time.monotonic() - self.last_start.get(persona, -1e12) < self.config.interval:
                 continue
-            new = await asyncio.to_thread(self.new_pairs, persona)
-            if new >= self.config.min_new_pairs:
-                log.info("%s has %d new preference pairs: starting a retrain", persona, new)
-                self.launch(persona)
-                started.append(persona)
+            new, voters = await asyncio.to_thread(self.pending, persona)
+            if new < self.config.min_new_pairs:
+                continue
+            if voters < self.config.min_voters:
+                if self.short_of_voters.get(persona) != voters:  # said once, not at every check
+                    log.info("%s has %d new preference pairs, from %d voter(s); a run needs %d (min_voters)",
+                             persona, new, voters, self.config.min_voters)
+                self.short_of_voters[persona] = voters
+                continue
+            self.short_of_voters.pop(persona, None)
+            log.info("%s has %d new preference pairs from %d voters: starting a retrain", persona, new, voters)
+            self.launch(persona)
+            started.append(persona)
         return started
 
     def new_pairs(self, persona: str) -> int:
@@ -94,6 +105,13 @@ class Scheduler:
         store = self.gateway.store
         now = pairs.build(store, persona, self.config.rules, kinds=("dpo",))["dpo"]
         return now - runs.examples_of_last_run(store, persona, "dpo")
+
+    def pending(self, persona: str) -> tuple[int, int]:
+        """New DPO pairs (``new_pairs``), and the distinct voters of the persona's pairs."""
+        new = self.new_pairs(persona)
+        voters = self.gateway.store.query("SELECT count(DISTINCT voter) FROM (SELECT unnest(voters) AS voter "
+                                          "FROM pref_dpo)")[0][0]
+        return new, voters
 
     def launch(self, persona: str, force: bool = False) -> dict:
         """Start a run of ``persona`` (called in the event loop); answers at once, with its log."""

@@ -254,7 +254,11 @@ def dashboard_tab():
         run_plot = gr.Plot(show_label=False, elem_id="plot-runs")
         adapters = gr.Dataframe(label="Adapters", elem_id="table-adapters", interactive=False)
     runs = gr.Dataframe(label="Training runs", elem_id="table-runs", interactive=False)
-    return refresh, [summary, votes, thumbs, wins, bias, run_plot, adapters, runs]
+    with gr.Row():
+        agreement = gr.Dataframe(label="Agreement between voters (contexts judged by 2+ voters)",
+                                 elem_id="table-agreement", interactive=False)
+        voters = gr.Markdown(elem_id="dash-voters")
+    return refresh, [summary, votes, thumbs, wins, bias, run_plot, adapters, runs, agreement, voters]
 
 
 def _dashboard(gateway: Gateway):
@@ -295,4 +299,26 @@ def dashboard_outputs(gateway: Gateway, figures: dict, over_time: list[dict]) ->
             plots.rates(figures["biases"], "Left answer wins / longer answer wins (0.5 = no bias)",
                         "no side-by-side votes yet", label=lambda r: r["bias"]),
             plots.runs(figures["training_runs"]),
-            adapters, runs]
+            adapters, runs, *voter_outputs(figures)]
+
+
+def voter_outputs(figures: dict) -> tuple:
+    """The agreement table, and the voters per persona with those given no weight and why."""
+    import pandas as pd
+
+    def rounded(value):
+        return None if value is None else round(value, 3)
+
+    agreement = pd.DataFrame([
+        {"persona": r["persona"], "votes": r["kind"].replace("_", " "), "Krippendorff's alpha": rounded(r["alpha"]),
+         "Cohen's kappa": rounded(r["kappa"]), "contexts": r["contexts"], "voters": r["voters"]}
+        for r in figures["agreement"]])
+    lines = ["**Voters**", ""]
+    for r in figures["personas"]:
+        left_out = (f"; {r['own_prompt_turns']} turns with the caller's own system prompt left out of training"
+                    if r["own_prompt_turns"] else "")
+        lines.append(f"- {r['persona']}: **{r['voters']}** voters{left_out}")
+    lines += ["", "**Voters given no weight**", ""]
+    lines += [f"- {r['persona']}: `{r['voter']}` {r['reason']}" for r in figures["outliers"]] or [
+        "- none: no voter goes against the others' consensus more than chance would"]
+    return agreement, "\n".join(lines)
