@@ -176,10 +176,17 @@ def outliers(db, persona: str | None = None, rules: PairRules = PairRules(), sta
     return units.outliers(db, persona, rules.include_own_system_prompt, rules.outlier_min_shared, source)
 
 
+def built_outliers(db, persona: str) -> list[str]:
+    """The voters the last ``build`` on ``db`` gave no weight for ``persona`` (without a second
+    outlier pass over the votes)."""
+    return [r[0] for r in db.query("SELECT voter FROM pref_outliers WHERE persona = ? ORDER BY voter", [persona])]
+
+
 def build(db, persona: str | None = None, rules: PairRules = PairRules(),
           kinds: tuple[str, ...] = KINDS) -> dict[str, int]:
     """Materialise the preference data as temporary tables ``pref_dpo``, ``pref_kto`` and
-    ``pref_sft`` (or only ``kinds`` of them) on ``db``; returns the row count of each."""
+    ``pref_sft`` (or only ``kinds`` of them) on ``db``, and the voters it gave no weight as
+    ``pref_outliers`` (``built_outliers``); returns the row count of each kind."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {unknown[0]!r}")
@@ -193,6 +200,7 @@ def build(db, persona: str | None = None, rules: PairRules = PairRules(),
         db.execute(f"CREATE OR REPLACE TEMP TABLE pref_stage_{name} AS {sql}", params)
         if name == "comparisons":  # the outlier rule reads the same turns and votes
             flagged = [[p, d.voter] for p, found in outliers(db, persona, rules, staged=True).items() for d in found]
+    db.execute(f"CREATE OR REPLACE TEMP TABLE pref_outliers AS {_FLAGGED}", {"flagged": flagged})
     counts = {}
     outputs = _outputs(rules)
     for kind in kinds:

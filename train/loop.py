@@ -181,7 +181,7 @@ def export_preferences(db, persona: str, recipe, run_dir: Path) -> tuple[Path, s
     rows, figures = voters.apply_run_rules(export.read_rows(db, table), recipe.share_cap, recipe.heldout_percent,
                                            recipe.min_voters)
     export.write_back(db, table, rows)
-    figures["outliers"] = [d.voter for d in pairs.outliers(db, persona, rules).get(persona, [])]
+    figures["outliers"] = pairs.built_outliers(db, persona)
     data = run_dir / f"{kind}.parquet"
     export.write_table(db, table, data)
     train = export.count(db, table, "train")
