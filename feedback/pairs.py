@@ -176,6 +176,13 @@ def outliers(db, persona: str | None = None, rules: PairRules = PairRules(), sta
     return units.outliers(db, persona, rules.include_own_system_prompt, rules.outlier_min_shared, source)
 
 
+def built_voters(db, kind: str = "dpo") -> int:
+    """How many distinct voters the last ``build`` on ``db`` has behind its ``kind`` rows."""
+    if kind not in KINDS[:2]:
+        raise ValueError(f"kind must be dpo or kto, not {kind!r}")
+    return db.query(f"SELECT count(DISTINCT voter) FROM (SELECT unnest(voters) AS voter FROM pref_{kind})")[0][0]
+
+
 def built_outliers(db, persona: str) -> list[str]:
     """The voters the last ``build`` on ``db`` gave no weight for ``persona`` (without a second
     outlier pass over the votes)."""

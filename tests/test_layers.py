@@ -4,7 +4,8 @@
 * ``train`` reaches serving only over HTTP: it never imports ``serve``;
 * ``serve`` imports ``train`` only in the CLI root (``serve/cli*.py``);
 * torch, trl and vllm are imported lazily (inside functions), so that a command
-  that does not train or generate starts without loading them.
+  that does not train or generate starts without loading them;
+* no SQL text in ``serve/``: the stores' queries live in ``feedback/``.
 
 Every import statement counts, the lazy ones inside functions too.
 """
@@ -12,6 +13,7 @@ Every import statement counts, the lazy ones inside functions too.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,18 @@ def test_import_rule(package):
     assert files, f"no modules found in {package}/"
     problems = [p for f in files for p in broken_rules(f)]
     assert not problems, "\n".join(problems)
+
+
+SQL = re.compile(r"\b(SELECT\s|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|CREATE\s+(OR\s+REPLACE\s+)?"
+                 r"(TEMP\s+)?(TABLE|VIEW|INDEX)|COPY\s*\()")
+
+
+def test_no_sql_in_serve():
+    """The stores' queries live in feedback/ (serve calls them): no SQL text in serve/."""
+    found = [f"{f.relative_to(REPO)}:{n}" for f in modules("serve")
+             for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1) if SQL.search(line)]
+    assert not found, "SQL in serve/: " + ", ".join(found)
+    assert SQL.search('db.query("SELECT count(*) FROM turns")') and not SQL.search("methods: DELETE, GET")
 
 
 def test_the_check_sees_lazy_imports(tmp_path):

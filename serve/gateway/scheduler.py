@@ -109,9 +109,7 @@ class Scheduler:
     def pending(self, persona: str) -> tuple[int, int]:
         """New DPO pairs (``new_pairs``), and the distinct voters of the persona's pairs."""
         new = self.new_pairs(persona)
-        voters = self.gateway.store.query("SELECT count(DISTINCT voter) FROM (SELECT unnest(voters) AS voter "
-                                          "FROM pref_dpo)")[0][0]
-        return new, voters
+        return new, pairs.built_voters(self.gateway.store, "dpo")
 
     def launch(self, persona: str, force: bool = False) -> dict:
         """Start a run of ``persona`` (called in the event loop); answers at once, with its log."""
