@@ -37,14 +37,16 @@ def load_catalog():
             name=p.name, system_prompt=p.system_prompt, display_name=p.display_name, description=p.description,
             active=active.version if active else None, candidate=candidate.version if candidate else None,
             versions={v.version: str(v.path) for v in versions},
-            unservable=unservable(registry, p.name, [v.version for v in versions]),
+            unservable=unservable(p.name, [v.version for v in versions]),
         )
     return Catalog(personas)
 
 
-def unservable(registry, persona: str, versions: list[int]) -> dict[int, str]:
+def unservable(persona: str, versions: list[int]) -> dict[int, str]:
     """The versions the registry refuses to serve, with why (``registry.status``): ``rejected``
     (by the gate, or an engine that would not load it) and ``retired``, with their reasons."""
+    from train import registry
+
     refused = {}
     for version in versions:
         state, reason = registry.status(persona, version)
