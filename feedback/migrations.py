@@ -120,4 +120,24 @@ MIGRATIONS: list[tuple[str, str]] = [
                 FROM comparisons)
             WHERE rn = 1;
     """),
+    ("0008_experiments", """
+        -- A/B promotion (promotion: ab): a gate-passing candidate runs as a challenger against the
+        -- active version until the users' pairwise verdicts promote or retire it.
+        CREATE TABLE experiments (
+            id          VARCHAR PRIMARY KEY,
+            persona     VARCHAR NOT NULL,
+            challenger  INTEGER NOT NULL,             -- the version under test
+            active      INTEGER NOT NULL,             -- the version it is tested against
+            run_id      VARCHAR,                      -- the training run that made the challenger, if any
+            status      VARCHAR NOT NULL CHECK (status IN ('running', 'promoted', 'retired', 'stopped')),
+            share       DOUBLE NOT NULL,              -- share of API clients the challenger serves
+            min_votes   INTEGER NOT NULL,             -- verdicts needed before it may be promoted
+            alpha       DOUBLE NOT NULL,              -- 1 - confidence of the interval
+            max_hours   DOUBLE NOT NULL,              -- time limit: retired when it passes undecided
+            started_at  TIMESTAMP NOT NULL,
+            decided_at  TIMESTAMP,
+            figures     JSON,                         -- the latest analysis, thumbs per arm included
+            reason      VARCHAR                       -- why it was promoted, retired or stopped
+        )
+    """),
 ]

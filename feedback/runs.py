@@ -7,6 +7,7 @@ that reads or writes them shares, written once.
   does it when a run process exits with an error.
 * ``examples_of_last_run``: the pairs the persona's last finished run had, so the
   scheduler counts only the new ones.
+* ``record_outcome``: what became of a run's challenger once its A/B experiment decided.
 
 Both read the live store or a snapshot; ``record`` says where a record goes (the
 store's ``record_run`` in the gateway process, the gateway's API from another one).
@@ -20,7 +21,11 @@ import json
 import time
 from typing import Callable
 
-FINISHED = ("promoted", "rejected", "skipped", "failed")  # a run in any other status is still going
+# A run in any other status is still going. "challenger": it passed the gate and started an
+# A/B experiment (promotion: ab), which decides later; the gateway then records the outcome on
+# the run too ("promoted", or "retired" when the challenger lost: ``record_outcome``).
+FINISHED = ("promoted", "rejected", "skipped", "failed", "challenger", "retired")
+TRAINED = ("promoted", "rejected", "failed", "challenger", "retired")  # finished runs that trained
 INTERRUPTED = "interrupted: its process ended before the run finished; nothing was promoted"
 
 
@@ -45,6 +50,12 @@ def examples_of_last_run(db, persona: str, kind: str = "dpo") -> int:
     """Training plus held-out examples of the persona's last ``kind`` run that trained
     (skipped runs trained nothing, so their pairs are still new)."""
     rows = db.query("SELECT coalesce(train_examples, 0) + coalesce(heldout_examples, 0) FROM training_runs "
-                    "WHERE persona = ? AND kind = ? AND status IN ('promoted', 'rejected', 'failed') "
-                    "ORDER BY started_at DESC LIMIT 1", [persona, kind])
+                    f"WHERE persona = ? AND kind = ? AND status IN ({', '.join('?' for _ in TRAINED)}) "
+                    "ORDER BY started_at DESC LIMIT 1", [persona, kind, *TRAINED])
     return rows[0][0] if rows else 0
+
+
+def record_outcome(db, run_id: str, status: str, message: str) -> None:
+    """Set the status and message of a finished run (the rest of its record stays): the
+    outcome of the A/B experiment its challenger ran in. A run not recorded is left alone."""
+    db.execute("UPDATE training_runs SET status = ?, message = ? WHERE id = ?", [status, message, run_id])

@@ -119,7 +119,10 @@ def adapters(db) -> list[dict]:
 def training_runs(db, limit: int = 50) -> list[dict]:
     return db.query_dicts("""
         SELECT id, persona, kind, status, parent_version, adapter_version, started_at, finished_at,
-               train_examples, heldout_examples, reward_accuracy, reward_margin, message
+               train_examples, heldout_examples, reward_accuracy, reward_margin,
+               TRY_CAST(json_extract(metrics, '$.reward_model.heldout_accuracy') AS DOUBLE) AS rm_accuracy,
+               TRY_CAST(json_extract(metrics, '$.consistency_candidate') AS DOUBLE) AS consistency,
+               TRY_CAST(json_extract(metrics, '$.consistency_active') AS DOUBLE) AS consistency_active, message
         FROM training_runs ORDER BY started_at DESC LIMIT ?""", [limit])
 
 

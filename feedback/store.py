@@ -225,10 +225,14 @@ class Store(Reads):
         self.execute(sql, [run[c] for c in columns])
 
     def recent_runs(self, persona: str | None = None, limit: int = 20) -> list[dict]:
-        """The latest training runs, newest first, of one persona or all, without their
-        metrics; ``limit`` is kept within 1..500."""
-        return self.query_dicts("SELECT * EXCLUDE (metrics) FROM training_runs WHERE ? IS NULL OR persona = ? "
+        """The latest training runs, newest first, of one persona or all, with their metrics
+        (the reward model's and the consistency figures are there); ``limit`` is kept within
+        1..500."""
+        rows = self.query_dicts("SELECT * FROM training_runs WHERE ? IS NULL OR persona = ? "
                                 "ORDER BY started_at DESC LIMIT ?", [persona, persona, max(1, min(limit, 500))])
+        for row in rows:
+            row["metrics"] = json.loads(row["metrics"]) if isinstance(row.get("metrics"), str) else row.get("metrics")
+        return rows
 
     # ---- snapshots ---------------------------------------------------------------------------
     def snapshot(self, folder: str | Path) -> Path:

@@ -5,6 +5,7 @@
     persona train sft --persona teto [--recipe FILE] [--qlora]
     persona train dpo --persona teto --data FILE.parquet [--recipe FILE] [--force]
     persona adapters list|promote|rollback|candidate
+    persona experiments list [--persona teto] | stop ID
     persona chat --persona teto "message"
     persona up [--engine embedded|vllm] [--port 7860]
     persona engine [--port 8001]
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _training_commands(sub, c)
     _adapter_and_data_commands(sub, c)
+    _experiment_commands(sub, c)
     _serving_commands(sub, c)
     _bench_commands(sub)
     p = sub.add_parser("settings", help="show every environment variable, its value and meaning")
@@ -115,6 +117,28 @@ def _adapter_and_data_commands(sub, c) -> None:
     p.add_argument("files", nargs="*", help=".jsonl/.json files to check")
     p.add_argument("--language", default="en", help="language of records in the given files")
     p.set_defaults(func=c.data_check)
+
+
+def _experiment_commands(sub, c) -> None:
+    """experiments list|stop: the A/B experiments of challengers against the active versions."""
+    experiments = sub.add_parser("experiments", help="A/B experiments: challengers against the active versions")
+    esub = experiments.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def common(p):
+        p.add_argument("--gateway", default="http://127.0.0.1:7860",
+                       help="the running gateway (when none answers, the store file is read directly)")
+        p.add_argument("--database",
+                       help="the store file when no gateway runs (default: PERSONA_HOME/feedback.duckdb)")
+
+    p = esub.add_parser("list", help="experiments, newest first: votes, win rate with its interval, thumbs, decision")
+    p.add_argument("--persona")
+    p.add_argument("--limit", type=int, default=20)
+    common(p)
+    p.set_defaults(func=c.experiments_list)
+    p = esub.add_parser("stop", help="stop a running experiment: its challenger is retired, the active version stays")
+    p.add_argument("id", help="the experiment's id (experiments list shows it)")
+    common(p)
+    p.set_defaults(func=c.experiments_stop)
 
 
 def _serving_commands(sub, c) -> None:

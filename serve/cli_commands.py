@@ -62,19 +62,36 @@ def adapters_list(args) -> None:
     from train import registry
     from train.personas import list_persona_names
 
-    table = Table("persona", "version", "status", "kind", "held-out NLL", "vs base", "created", "path")
+    table = Table("persona", "version", "status", "kind", "held-out NLL", "vs base", "consistency", "created", "path")
     for name in [args.persona] if args.persona else list_persona_names():
-        for v in registry.versions(name):
+        versions = registry.versions(name)
+        scores = consistency_of(versions)
+        for v in versions:
             m = v.meta.get("metrics", {})
-            nll = m.get("heldout_nll_adapter")
+            nll = m.get("heldout_nll_adapter", m.get("sft_nll_candidate"))
             red = m.get("heldout_nll_reduction")
             status, reason = registry.status(name, v.version)
+            score = scores.get(v.version)
             table.add_row(
                 name, f"v{v.version}", f"{status}: {reason}" if reason else status,
                 v.meta.get("kind", "?"), f"{nll:.3f}" if nll is not None else "-",
-                f"-{red:.1%}" if red is not None else "-", v.meta.get("created_at", "?"), str(v.path),
+                f"-{red:.1%}" if red is not None else "-", "-" if score is None else f"{score:.0%}",
+                v.meta.get("created_at", "?"), str(v.path),
             )
     console.print(table)
+
+
+def consistency_of(versions) -> dict[int, float]:
+    """Each version's persona-consistency score (``train.consistency``): a preference run
+    measures its candidate's, and the SFT version's it was bounded by."""
+    scores = {}
+    for v in versions:
+        m = v.meta.get("metrics", {})
+        if m.get("consistency_sft") is not None and m.get("sft_version") is not None:
+            scores.setdefault(m["sft_version"], m["consistency_sft"])
+        if m.get("consistency_candidate") is not None:
+            scores[v.version] = m["consistency_candidate"]
+    return scores
 
 
 def adapters_promote(args) -> None:
@@ -112,6 +129,102 @@ def reload_gateway(url: str) -> None:
         return
     active = client.reload()
     console.print(f"the gateway at {url} now serves: {', '.join(f'{k}={v}' for k, v in active.items())}")
+
+
+def _gateway_or_store(args):
+    """(client, None) for the running gateway's admin API, else (None, store) for the store file
+    (no gateway holds it then)."""
+    from pathlib import Path
+
+    from feedback.store import Store, StoreError, default_path
+    from train.loop import GatewayClient
+
+    client = GatewayClient.reachable(args.gateway)
+    if client is not None:
+        return client, None
+    path = Path(args.database) if args.database else default_path()
+    if not path.exists():
+        raise UserError(f"no gateway answers at {args.gateway} and there is no feedback store at {path} yet "
+                        "(experiments start in a gateway: `persona up`)")
+    try:
+        return None, Store.open(path)
+    except StoreError:
+        raise UserError(f"{path} is held by another process and no gateway answers at {args.gateway}; "
+                        "pass --gateway URL") from None
+
+
+def _get(client, path: str, params: dict) -> dict:
+    import httpx
+
+    from train.loop import error_message
+
+    try:
+        r = client.http.get(path, params={k: v for k, v in params.items() if v is not None})
+    except httpx.HTTPError as exc:
+        raise UserError(f"the gateway at {client.url} did not answer {path} ({type(exc).__name__})") from None
+    if r.status_code != 200:
+        raise UserError(f"the gateway at {client.url} refused {path} ({r.status_code}): {error_message(r)}")
+    return r.json()
+
+
+EXPERIMENT_COLUMNS = ("id", "persona", "versions", "status", "votes", "wins", "win rate", "length-controlled",
+                      "thumbs challenger", "thumbs active", "started", "decided", "reason")
+
+
+def experiments_list(args) -> None:
+    from feedback import experiments
+
+    client, store = _gateway_or_store(args)
+    if client is not None:
+        rows = _get(client, "/admin/experiments", {"persona": args.persona, "limit": args.limit})["experiments"]
+    else:
+        try:
+            rows = experiments.recent(store, args.persona, args.limit)
+        finally:
+            store.close()
+    if not rows:
+        console.print("no experiments yet" + (f" for {args.persona}" if args.persona else ""))
+        return
+    table = Table(*EXPERIMENT_COLUMNS, title="A/B experiments (challenger vs active; win rate with its always-valid "
+                                             "interval; the decision rests on side-by-side verdicts)")
+    for row in rows:
+        summary = experiments.summary(row)
+        table.add_row(*(summary[c] for c in EXPERIMENT_COLUMNS))
+    console.print(table)
+
+
+def experiments_stop(args) -> None:
+    from urllib.parse import quote
+
+    client, store = _gateway_or_store(args)
+    if client is not None:
+        exp = client._post(f"/admin/experiments/{quote(args.id, safe='')}/stop")
+    else:
+        try:
+            exp = _stop_in_store(store, args.id)
+        finally:
+            store.close()
+    console.print(f"experiment {exp['id']} stopped: {exp['persona']} v{exp['challenger']} is retired, "
+                  f"v{exp['active']} stays active")
+
+
+def _stop_in_store(store, experiment_id: str) -> dict:
+    """What the gateway's stop does, with no gateway running: retire the challenger in the
+    registry, close the experiment and note it on its run."""
+    from feedback import experiments, runs
+    from train import registry
+
+    exp = experiments.get(store, experiment_id)
+    reason = "stopped by an operator"
+    if exp["status"] == "running":
+        try:
+            registry.retire(exp["persona"], exp["challenger"], f"experiment {experiment_id} {reason}")
+        except registry.RegistryError as exc:  # promoted by hand meanwhile: that decision stands
+            err.print(f"[yellow]{exp['persona']} v{exp['challenger']} not retired: {exc}[/]")
+    done = experiments.stop(store, experiment_id, reason)
+    if done["run_id"]:
+        runs.record_outcome(store, done["run_id"], "retired", f"A/B experiment {experiment_id} {reason}")
+    return done
 
 
 def chat(args) -> None:

@@ -6,7 +6,7 @@ it runs in this process (``train.loop.retrain``). The scheduler's subprocesses
 pass ``--snapshot``, the snapshot the gateway took for them, so they never ask
 their parent for one.
 
-    persona retrain --persona teto [--force] [--wait]
+    persona retrain --persona teto [--force] [--wait] [--promotion gate|ab]
     persona retrain --persona teto --here [--snapshot DIR] [--gateway URL]
 """
 
@@ -28,6 +28,9 @@ def add_arguments(p) -> None:
                                       "gateway for one (the scheduler passes the one it took)")
     p.add_argument("--wait", action="store_true", help="with a gateway: wait until the run has finished")
     p.add_argument("--timeout", type=float, default=3600, help="seconds --wait waits at most")
+    p.add_argument("--promotion", choices=["gate", "ab"],
+                   help="how a candidate that passes the gate is promoted: at once (gate), or after an A/B "
+                        "experiment that users' side-by-side verdicts decide (ab); default: the recipe's")
     p.set_defaults(func=retrain)
 
 
@@ -37,12 +40,12 @@ def retrain(args) -> int:
     client = None if args.here else GatewayClient.reachable(args.gateway)
     if client is None:
         run = run_here(args.persona, None if not args.here else args.gateway, args.force, args.recipe,
-                       args.snapshot if args.here else None)
+                       args.snapshot if args.here else None, promotion=args.promotion)
     else:
-        started = client.retrain(args.persona, args.force)
+        started = client.retrain(args.persona, args.force, args.promotion)
         console.print(f"the gateway started a retrain of {args.persona} (log: {started['log']})")
         if not args.wait:
             return 0
         run = client.wait_for_run(args.persona, started["asked"], args.timeout)
         console.print(f"run {run['id']}: {run['status']} ({run.get('message')})")
-    return 0 if run["status"] in ("promoted", "skipped", "rejected") else 1
+    return 0 if run["status"] in ("promoted", "skipped", "rejected", "challenger", "retired") else 1

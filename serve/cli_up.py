@@ -42,6 +42,15 @@ def load_catalog():
     return Catalog(personas)
 
 
+def registry_actions():
+    """The registry's changes the gateway's A/B experiments make (serve does not import train):
+    the challenger becomes the candidate (side by side), then active or retired."""
+    from serve.gateway.experiments import RegistryActions
+    from train import registry
+
+    return RegistryActions(set_candidate=registry.set_candidate, promote=registry.set_active, retire=registry.retire)
+
+
 def unservable(persona: str, versions: list[int]) -> dict[int, str]:
     """The versions the registry refuses to serve, with why (``registry.status``): ``rejected``
     (by the gate, or an engine that would not load it) and ``retired``, with their reasons."""
@@ -153,7 +162,7 @@ def up(args) -> None:
         gateway = Gateway(load_catalog, pool, store, GatewayConfig(
             api_keys=settings.get("PERSONA_API_KEY"), admin_keys=settings.get("PERSONA_ADMIN_KEY"),
             vote_batch=max(1, args.vote_batch), max_in_flight=max(1, args.max_in_flight),
-            shutdown_timeout=args.drain_seconds))
+            shutdown_timeout=args.drain_seconds), registry=registry_actions())
         err.print(f"gateway on http://{args.host}:{args.port}/v1 (personas: "
                   f"{', '.join(t.model_id for t in catalog.active_targets())}); database {store.path}")
         # uvicorn re-raises the SIGTERM it handled once it has shut down; as an exception

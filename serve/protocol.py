@@ -252,6 +252,25 @@ class RunRecord(BaseModel):
 class RetrainRequest(BaseModel):
     persona: Text = Field(min_length=1, max_length=100)
     force: bool = False
+    # How a gate-passing candidate is promoted: at once ("gate") or after an A/B experiment
+    # ("ab"); None: as the recipe says.
+    promotion: Literal["gate", "ab"] | None = None
+
+
+class ExperimentRequest(BaseModel):
+    """Start an A/B experiment: ``challenger`` (a registered version of ``persona``) against
+    the active version, serving ``share`` of the API clients (sticky per client) and every
+    side-by-side round of the persona, until the verdicts decide or ``max_hours`` pass."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt rule must not silently take its default
+
+    persona: Text = Field(min_length=1, max_length=100)
+    challenger: Int32 = Field(ge=1)
+    run_id: Text | None = Field(default=None, max_length=200)
+    share: float = Field(default=0.1, ge=0.0, le=1.0)
+    min_votes: int = Field(default=40, ge=1, le=1_000_000)
+    alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
+    max_hours: float = Field(default=72.0, gt=0.0, le=24 * 366)
 
 
 class EmptyRequest(BaseModel):

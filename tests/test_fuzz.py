@@ -28,7 +28,7 @@ ADMIN_PATHS = ("/admin/", "/metrics", "/v1/load_lora_adapter", "/v1/unload_lora_
 class Scheduler:
     """Stands in for the retrain scheduler: /admin/retrain answers without starting a training."""
 
-    def launch(self, persona: str, force: bool = False) -> dict:
+    def launch(self, persona: str, force: bool = False, promotion: str | None = None) -> dict:
         return {"persona": persona, "status": "started", "log": None}
 
     async def stop(self) -> None:
@@ -52,7 +52,7 @@ def test_schema_documents_every_request_body(api_schema):
     raw = api_schema.raw_schema
     posts = {path: item["post"]["requestBody"]["content"]["application/json"]["schema"]
              for path, item in raw["paths"].items() if "post" in item}
-    assert len(posts) == 9
+    assert len(posts) == 11
     for path, body in posts.items():
         assert body["type"] == "object" and "$ref" not in str(body), path
     assert set(posts["/v1/feedback"]["required"]) == {"turn_id", "vote"}

@@ -118,7 +118,8 @@ def test_an_empty_key_file_still_requires_a_key(tmp_path):
 
 ADMIN_ROUTES = [("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"), ("POST", "/admin/reload"),
                 ("POST", "/admin/snapshot"), ("POST", "/admin/runs"), ("GET", "/admin/runs"),
-                ("POST", "/admin/retrain"), ("GET", "/admin/engines"), ("GET", "/metrics")]
+                ("POST", "/admin/retrain"), ("GET", "/admin/engines"), ("GET", "/metrics"),
+                ("GET", "/admin/experiments"), ("POST", "/admin/experiments"), ("POST", "/admin/experiments/x/stop")]
 
 
 @pytest.mark.parametrize("method, route", ADMIN_ROUTES)
@@ -185,6 +186,7 @@ def test_the_gateway_has_no_route_to_arbitrary_engine_paths(s):
     assert paths == {"/openapi.json", "/health", "/v1/models", "/v1/chat/completions", "/v1/feedback",
                      "/v1/comparisons", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/admin/reload",
                      "/admin/snapshot", "/admin/runs", "/admin/retrain", "/admin/engines", "/metrics",
+                     "/admin/experiments", "/admin/experiments/{experiment_id}/stop",
                      "/v1/{path:path}", "/admin/{path:path}"}, "a new route must be checked here"
     engine_port = str(urlsplit(s.engine_url).port)
     for target in ("/v1/../health", "/v1/%2e%2e/v1/models", "/v1/./load_lora_adapter", "/engine/v1/models",

@@ -53,9 +53,12 @@ async def start_turn(gateway: Gateway, body: ChatCompletionRequest, client: str,
                      voter: str | None = None) -> ChatTurn:
     """Admit a chat turn and send it to an engine; raises ``APIError`` (404 unknown model or a
     version not served, 429 too many in flight, 503 no engine) with nothing held and nothing
-    recorded. ``voter`` defaults to the client."""
+    recorded. ``voter`` defaults to the client. A persona under an A/B experiment may be
+    answered by its challenger (sticky per voter; ``Gateway.experiments``), and the turn
+    and the response's ``model`` then name the challenger's version."""
     try:
-        target = gateway.catalog.resolve(body.model)
+        target = (gateway.experiments.challenger_target(body.model, voter or client)
+                  or gateway.catalog.resolve(body.model))
     except UnknownModel as exc:
         raise APIError(404, exc.message, param="model", code="model_not_found") from None
     messages, sampling, upstream = _upstream(body, target)

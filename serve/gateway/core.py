@@ -1,6 +1,7 @@
 """The gateway's state and its non-HTTP logic: key rings, persona resolution,
 the count of chat turns in flight, adapter hot-swap, pinned versions loaded on
-demand (and unloaded past a cap), vote quotas, admin actions, turn records.
+demand (and unloaded past a cap), vote quotas, admin actions, turn records,
+and the A/B experiments (``experiments.py``, told of every vote).
 
 The routes (``serve/gateway/routes/``) and the browser UI call it; ``chat.py``
 runs one chat turn through it.
@@ -28,6 +29,7 @@ from feedback.votes import Vote, record_comparison
 from serve.gateway.auth import KeyRing
 from serve.gateway.catalog import Catalog, Target
 from serve.gateway.engines import EnginePool, Replica, parse_error
+from serve.gateway.experiments import Experiments, RegistryActions
 from serve.gateway.metrics import Metrics
 from serve.gateway.quota import DAY, MINUTE, VoteQuota
 from serve.gateway.vote_queue import VoteQueue
@@ -114,7 +116,9 @@ class TurnSlot:
 
 class Gateway:
     def __init__(self, load_catalog: Callable[[], Catalog], pool: EnginePool, store: Store,
-                 config: GatewayConfig | None = None):
+                 config: GatewayConfig | None = None, registry: RegistryActions | None = None):
+        """``registry``: the adapter registry's changes an A/B experiment makes (the CLI root
+        passes ``train.registry``'s); without them the gateway runs no experiments."""
         self.load_catalog = load_catalog
         self.catalog = load_catalog()
         self.pool = pool
@@ -131,6 +135,7 @@ class Gateway:
         self.quota = VoteQuota({MINUTE: self.config.vote_quota_minute, DAY: self.config.vote_quota_day})
         self.pinned: OrderedDict[str, None] = OrderedDict()  # pinned adapters loaded, least recently used first
         self.scheduler = None  # a serve.gateway.scheduler.Scheduler when retraining is scheduled
+        self.experiments = Experiments(self, registry)
         self.draining = False  # set on SIGTERM: new requests get 503 while running ones finish
         self.turns: Counter[str] = Counter()  # adapter -> chat turns in flight, kept by TurnSlot
         self.metrics.in_flight.set_function(lambda: self.in_flight)
@@ -145,6 +150,7 @@ class Gateway:
         for target in self.catalog.active_targets():
             await self.pool.ensure_loaded(target.adapter, target.path)
         await asyncio.to_thread(self.sync_store)
+        await asyncio.to_thread(self.experiments.load)
         self.votes.start()
         if self.scheduler:
             self.scheduler.start()
@@ -155,6 +161,7 @@ class Gateway:
         if self._health_task:
             self._health_task.cancel()
         await self.votes.stop()
+        await self.experiments.close()
         if self.scheduler:
             await self.scheduler.stop()
         await self.pool.close()
@@ -230,15 +237,19 @@ class Gateway:
         """Record a thumbs vote (the API's and the UI's) within ``voter``'s quota: past it a 429
         with Retry-After, and nothing written."""
         self.quota.take(voter)
-        return await self.votes.submit(vote)
+        status = await self.votes.submit(vote)
+        self.experiments.notify()  # the thumbs per arm of a running experiment
+        return status
 
     async def compare(self, turn_a: str, turn_b: str, choice: str, left: str, client: str,
                       user_name: str | None = None, voter: str | None = None) -> str:
         """Record which of two answers won (the API's and the UI's side-by-side votes), within
         the quota of ``voter`` (the client unless given)."""
         self.quota.take(voter or client)
-        return await asyncio.to_thread(record_comparison, self.store, turn_a, turn_b, choice, left, client,
-                                       user_name)
+        comparison_id = await asyncio.to_thread(record_comparison, self.store, turn_a, turn_b, choice, left, client,
+                                                user_name)
+        self.experiments.notify()  # a verdict a running experiment may decide on
+        return comparison_id
 
     # ---- adapters ----------------------------------------------------------------------
     async def prepare(self, target: Target) -> None:
@@ -253,11 +264,11 @@ class Gateway:
             await self.unload_pinned()
 
     async def unload_pinned(self) -> None:
-        """Unload pinned versions past ``max_pinned``, least recently used first; never an active
-        or candidate version (they do not count), nor one with turns in flight (it stays, over
-        the cap, until a later load finds it idle)."""
+        """Unload pinned versions past ``max_pinned``, least recently used first; never an active,
+        candidate or challenger version (they do not count), nor one with turns in flight (it
+        stays, over the cap, until a later load finds it idle)."""
         async with self._pinned_lock:
-            kept = self.catalog.kept_adapters()
+            kept = self.catalog.kept_adapters() | self.experiments.kept_adapters()
             pinned = [name for name in self.pinned if name not in kept]
             for name in pinned[:max(0, len(pinned) - self.config.max_pinned)]:
                 if not self.turns[name]:
@@ -336,10 +347,11 @@ class Gateway:
         prune()
         return str(folder)
 
-    def retrain(self, persona: str, force: bool = False) -> dict:
-        """Start a retrain of ``persona`` now (the scheduler's run, outside its timer)."""
+    def retrain(self, persona: str, force: bool = False, promotion: str | None = None) -> dict:
+        """Start a retrain of ``persona`` now (the scheduler's run, outside its timer);
+        ``promotion`` ("gate" or "ab") overrides the recipe's."""
         if persona not in self.catalog.personas:
             raise APIError(404, f"No persona {persona!r}.", param="persona")
         if self.scheduler is None:
             raise APIError(503, "This gateway has no retrain scheduler.")
-        return self.scheduler.launch(persona, force)
+        return self.scheduler.launch(persona, force, **({"promotion": promotion} if promotion else {}))

@@ -10,7 +10,12 @@ serving keeps going. That process (``train/loop.py``) builds the pairs from the
 snapshot, runs the training step and the gate, and records the run and asks for
 the hot swap over this gateway's admin API. A process that exits with an error
 cannot record its own end, so the task records it as failed. One run per persona at
-a time.
+a time, and no scheduled one while the persona has an A/B experiment running (its
+candidate is the one under test; a run asked for by hand still starts).
+
+Each tick also reads the running A/B experiments (``Gateway.experiments``), so one whose
+time limit passed is decided even when no vote comes; that happens with the scheduled
+retrains off (``--no-scheduler``) too.
 
 serve does not import train: the CLI root (``serve/cli_up.py``) reads the recipe and
 hands in its pair rules and min_voters.
@@ -57,8 +62,7 @@ class Scheduler:
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        if self.config.enabled:
-            self._task = asyncio.create_task(self._loop())
+        self._task = asyncio.create_task(self._loop())  # disabled, it still checks the experiments' time limits
 
     async def stop(self) -> None:
         if self._task:
@@ -79,11 +83,24 @@ class Scheduler:
         task = self.running.get(persona)
         return task is not None and not task.done()
 
+    def under_test(self, persona: str) -> bool:
+        """Whether the persona has a running A/B experiment (a stand-in gateway may have none)."""
+        experiments = getattr(self.gateway, "experiments", None)
+        return experiments is not None and persona in experiments.running
+
     async def tick(self) -> list[str]:
+        """Decide the experiments whose time is up; start the retrains that are due (the personas started)."""
+        experiments = getattr(self.gateway, "experiments", None)
+        if experiments is not None:
+            await experiments.check_all()
+        if not self.config.enabled:
+            return []
         started = []
         for target in self.gateway.catalog.active_targets():
             persona = target.persona
             if self.busy(persona) or time.monotonic() - self.last_start.get(persona, -1e12) < self.config.interval:
+                continue
+            if self.under_test(persona):
                 continue
             new, voters = await asyncio.to_thread(self.pending, persona)
             if new < self.config.min_new_pairs:
@@ -111,15 +128,16 @@ class Scheduler:
         new = self.new_pairs(persona)
         return new, pairs.built_voters(self.gateway.store, "dpo")
 
-    def launch(self, persona: str, force: bool = False) -> dict:
-        """Start a run of ``persona`` (called in the event loop); answers at once, with its log."""
+    def launch(self, persona: str, force: bool = False, promotion: str | None = None) -> dict:
+        """Start a run of ``persona`` (called in the event loop); answers at once, with its log.
+        ``promotion`` ("gate" or "ab") overrides the recipe's for this run."""
         if persona not in self.gateway.catalog.personas:
             raise APIError(404, f"No persona {persona!r}.", param="persona")
         if self.busy(persona):
             raise APIError(409, f"A retrain of {persona} is already running.", param="persona")
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.config.log_dir / f"retrain-{persona}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        self.running[persona] = asyncio.create_task(self._run(persona, force, log_path))
+        self.running[persona] = asyncio.create_task(self._run(persona, force, log_path, promotion))
         self.last_start[persona] = time.monotonic()
         return {"persona": persona, "status": "started", "log": str(log_path)}
 
@@ -127,12 +145,13 @@ class Scheduler:
         return [sys.executable, "-m", "serve.cli", "retrain", "--persona", persona, "--here", "--snapshot", snapshot,
                 "--gateway", self.config.gateway_url, "--recipe", self.config.recipe] + (["--force"] if force else [])
 
-    async def _run(self, persona: str, force: bool, log_path: Path) -> int | None:
+    async def _run(self, persona: str, force: bool, log_path: Path, promotion: str | None = None) -> int | None:
         """One run: the snapshot, the run process on it, and its end when the process failed."""
         try:
             snapshot = await asyncio.to_thread(self.gateway.snapshot)
+            command = self.command(persona, force, snapshot) + (["--promotion", promotion] if promotion else [])
             with open(log_path, "ab") as out:
-                proc = subprocess.Popen(self.command(persona, force, snapshot), stdout=out, stderr=subprocess.STDOUT,
+                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, preexec_fn=lambda: os.nice(10))
         except Exception:  # noqa: BLE001 - no run process, so nothing to record; say why in the log
             log.exception("the retrain of %s could not start", persona)

@@ -254,22 +254,35 @@ def dashboard_tab():
         run_plot = gr.Plot(show_label=False, elem_id="plot-runs")
         adapters = gr.Dataframe(label="Adapters", elem_id="table-adapters", interactive=False)
     runs = gr.Dataframe(label="Training runs", elem_id="table-runs", interactive=False)
+    experiments = gr.Dataframe(label="A/B experiments (challenger vs active; the decision rests on side-by-side "
+                                     "verdicts, thumbs are shown beside them)",
+                               elem_id="table-experiments", interactive=False)
     with gr.Row():
         agreement = gr.Dataframe(label="Agreement between voters (contexts judged by 2+ voters)",
                                  elem_id="table-agreement", interactive=False)
         voters = gr.Markdown(elem_id="dash-voters")
-    return refresh, [summary, votes, thumbs, wins, bias, run_plot, adapters, runs, agreement, voters]
+    return refresh, [summary, votes, thumbs, wins, bias, run_plot, adapters, runs, experiments, agreement, voters]
 
 
 def _dashboard(gateway: Gateway):
     async def render():
         figures = await asyncio.to_thread(stats.summary, gateway.store)
         over_time = await asyncio.to_thread(stats.votes_over_time, gateway.store)
-        return dashboard_outputs(gateway, figures, over_time)
+        tested = await asyncio.to_thread(gateway.experiments.recent)
+        return dashboard_outputs(gateway, figures, over_time, tested)
     return render
 
 
-def dashboard_outputs(gateway: Gateway, figures: dict, over_time: list[dict]) -> list:
+def experiment_table(rows: list[dict]):
+    """The dashboard's "A/B experiments" panel: the running and recent ones, with their figures."""
+    import pandas as pd
+
+    from feedback.experiments import summary
+
+    return pd.DataFrame([summary(row) for row in rows])
+
+
+def dashboard_outputs(gateway: Gateway, figures: dict, over_time: list[dict], tested: list[dict] = ()) -> list:
     import pandas as pd
 
     t = figures["totals"]
@@ -278,6 +291,9 @@ def dashboard_outputs(gateway: Gateway, figures: dict, over_time: list[dict]) ->
     for p in gateway.catalog.personas.values():
         if p.active is not None:
             candidate = f", candidate **v{p.candidate}**" if p.candidate is not None else ", no candidate"
+            exp = gateway.experiments.running.get(p.name)
+            if exp is not None:
+                candidate = f", challenger **v{exp['challenger']}** (A/B experiment `{exp['id']}`)"
             lines.append(f"- {p.display_name or p.name}: active **v{p.active}**{candidate}")
     adapters = pd.DataFrame([
         {"persona": a["persona"], "version": f"v{a['version']}", "status": a["status"], "kind": a["kind"],
@@ -289,6 +305,8 @@ def dashboard_outputs(gateway: Gateway, figures: dict, over_time: list[dict]) ->
          "from": f"v{r['parent_version']}" if r["parent_version"] else "",
          "to": f"v{r['adapter_version']}" if r["adapter_version"] else "",
          "examples": r["train_examples"], "reward accuracy": r["reward_accuracy"], "reward margin": r["reward_margin"],
+         "reward model acc.": r.get("rm_accuracy"), "consistency": r.get("consistency"),
+         "consistency before": r.get("consistency_active"),
          "started": str(r["started_at"])[:19], "note": r["message"] or ""}
         for r in figures["training_runs"]])
     return ["\n".join(lines),
@@ -299,7 +317,7 @@ def dashboard_outputs(gateway: Gateway, figures: dict, over_time: list[dict]) ->
             plots.rates(figures["biases"], "Left answer wins / longer answer wins (0.5 = no bias)",
                         "no side-by-side votes yet", label=lambda r: r["bias"]),
             plots.runs(figures["training_runs"]),
-            adapters, runs, *voter_outputs(figures)]
+            adapters, runs, experiment_table(list(tested)), *voter_outputs(figures)]
 
 
 def voter_outputs(figures: dict) -> tuple:

@@ -84,7 +84,11 @@ async def compare(gateway: Gateway, turn_a: str, turn_b: str, choice: str, left:
 
 def contenders(gateway: Gateway, persona: str) -> tuple[str, str, str]:
     """The two model ids a side-by-side round asks, and what is being compared: the active
-    version against the candidate when one is under test, else two samples of the active one."""
+    version against the challenger of a running A/B experiment, or against the candidate when
+    one is under test, else two samples of the active one."""
+    tested = gateway.experiments.contenders(persona)
+    if tested is not None:
+        return *tested, "active vs challenger (A/B experiment)"
     info = gateway.catalog.personas[persona]
     if info.candidate is not None and info.candidate in info.versions and info.candidate not in info.unservable:
         return persona, f"{persona}@v{info.candidate}", "active vs candidate"

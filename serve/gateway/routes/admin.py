@@ -6,7 +6,11 @@
     POST /admin/snapshot          export the store as Parquet; answers {"path": folder}
     POST /admin/runs              record a training run (the loop's runs report here)
     GET  /admin/runs              recent training runs (?persona=, ?limit=)
-    POST /admin/retrain           start a retrain of a persona now ({"persona", "force"})
+    POST /admin/retrain           start a retrain of a persona now ({"persona", "force", "promotion"})
+    POST /admin/experiments       start an A/B experiment ({"persona", "challenger", "run_id", "share",
+                                  "min_votes", "alpha", "max_hours"}); answers its row
+    GET  /admin/experiments       experiments, newest first, with their figures (?persona=, ?limit=)
+    POST /admin/experiments/{id}/stop   stop a running one: its challenger is retired
     GET  /admin/engines           replicas, health, requests in flight
     GET  /metrics                 Prometheus text format
 """
@@ -21,7 +25,8 @@ from fastapi.responses import PlainTextResponse, Response
 
 from serve.gateway.openapi import body as documented
 from serve.gateway.routes.deps import admin_client, gateway_of, json_body
-from serve.protocol import EmptyRequest, LoadLoRAAdapterRequest, RetrainRequest, RunRecord, UnloadLoRAAdapterRequest
+from serve.protocol import (EmptyRequest, ExperimentRequest, LoadLoRAAdapterRequest, RetrainRequest, RunRecord,
+                            UnloadLoRAAdapterRequest)
 
 router = APIRouter(dependencies=[Depends(admin_client)])
 # An action without arguments still reads its body: nothing or {} (anything else is a 400).
@@ -63,7 +68,22 @@ async def runs(request: Request, persona: str | None = None, limit: int = 20):
 
 @router.post("/admin/retrain", openapi_extra=documented(RetrainRequest))
 async def retrain(request: Request, body: Annotated[RetrainRequest, json_body(RetrainRequest)]):
-    return gateway_of(request).retrain(body.persona, body.force)
+    return gateway_of(request).retrain(body.persona, body.force, body.promotion)
+
+
+@router.post("/admin/experiments", openapi_extra=documented(ExperimentRequest))
+async def start_experiment(request: Request, body: Annotated[ExperimentRequest, json_body(ExperimentRequest)]):
+    return await gateway_of(request).experiments.start(body)
+
+
+@router.get("/admin/experiments")
+async def experiments(request: Request, persona: str | None = None, limit: int = 20):
+    return {"experiments": await asyncio.to_thread(gateway_of(request).experiments.recent, persona, limit)}
+
+
+@router.post("/admin/experiments/{experiment_id}/stop", **NO_ARGUMENTS)
+async def stop_experiment(request: Request, experiment_id: str):
+    return await gateway_of(request).experiments.stop(experiment_id)
 
 
 @router.get("/admin/engines")
