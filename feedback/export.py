@@ -33,8 +33,8 @@ def write_table(db, table: str, path: str | Path, split: str = "all") -> int:
 
 def read_rows(db, table: str) -> list[dict]:
     """The rows of a ``pref_*`` table as dicts of what the voter rules read and change: ``row``
-    (its rowid), ``weight``, ``voters``, ``context`` and ``split``."""
-    return db.query_dicts(f"SELECT rowid AS row, weight, voters, context, split FROM {table} ORDER BY rowid")
+    (its rowid), ``weight``, ``voters``, ``versions`` (of its answers), ``context`` and ``split``."""
+    return db.query_dicts(f"SELECT rowid AS row, weight, voters, versions, context, split FROM {table} ORDER BY rowid")
 
 
 def write_back(db, table: str, rows: list[dict]) -> None:

@@ -48,7 +48,7 @@ UNSAFE = "unsafe"  # the UI's thumbs-down reason (serve/ui/app.py FEEDBACK), mat
 @dataclass(frozen=True)
 class PairRules:
     voter_cap: float = 200.0   # the most weight one voter's votes carry, all together
-    heldout_percent: int = 10  # share of contexts (not of pairs) kept out of training
+    heldout_percent: int = 20  # share of contexts (not of pairs) kept out of training
     drop_outliers: bool = True      # voters who go against the others far above chance weigh 0
     outlier_min_shared: int = 20    # shared contexts before the outlier rule judges a voter
     include_own_system_prompt: bool = False  # also turns where the caller replaced the persona's prompt
@@ -216,3 +216,9 @@ def build(db, persona: str | None = None, rules: PairRules = PairRules(),
     for name, _ in _STAGES:
         db.execute(f"DROP TABLE IF EXISTS pref_stage_{name}")
     return counts
+
+
+def comparison_count(db, persona: str) -> int:
+    """Side-by-side verdicts (current ones) on the persona's turns."""
+    return db.query("SELECT count(*) FROM current_comparisons c JOIN turns t ON t.id = c.turn_a "
+                    "WHERE t.persona = ?", [persona])[0][0]

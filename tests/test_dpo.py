@@ -67,7 +67,17 @@ def test_dpo_run_continues_the_active_adapter(tiny_persona, tiny_model_dir, tmp_
     version, metrics = dpo.run(tiny_persona, pairs_file(tmp_path / "pairs.parquet"), recipe, str(tiny_model_dir))
     assert version.version == 2 and registry.active("tiny").version == 1   # registered, not served
     assert version.meta["parent_version"] == 1 and version.meta["kind"] == "dpo"
-    assert (metrics["train_examples"], metrics["heldout_examples"], metrics["train_steps"]) == (16, 8, 8)
+    # The reward model learns the (obvious) taste of the 16 human pairs and ranks sampled answers
+    # to the persona's 6 training prompts and the pairs' 16: best against worst are extra pairs.
+    rm = metrics["reward_model"]
+    assert rm["used"] and rm["cv_accuracy"] >= 0.9 and rm["heldout_accuracy"] == 1.0
+    assert 0 < metrics["extra_pairs"] == rm["pairs_added"] <= rm["prompts"] <= 22
+    steps = 2 * -(-(16 + metrics["extra_pairs"]) // 4)
+    assert (metrics["train_examples"], metrics["heldout_examples"], metrics["train_steps"]) == (16, 8, steps)
+    # Persona loss is also measured under the SFT version (v1 here), and consistency for all three.
+    assert metrics["sft_version"] == 1 and metrics["sft_nll_sft"] == pytest.approx(metrics["sft_nll_active"])
+    assert {"consistency_candidate", "consistency_active", "consistency_sft"} <= metrics.keys()
+    assert metrics["consistency_active"] == metrics["consistency_sft"]   # the active adapter is v1
     # Held-out pairs are scored against the active adapter: the candidate learned the preference.
     assert metrics["reward_accuracy"] > 0.5 and metrics["reward_margin"] > 0
     assert metrics["sft_nll_candidate"] > 0 and metrics["sft_nll_active"] > 0

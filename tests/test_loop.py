@@ -48,9 +48,13 @@ def test_simulated_votes_retrain_gate_promote_rollback(tiny_home, tmp_path):
     from serve.processes import free_port, persona_process
     from train import registry
 
-    # The tiny random model needs bigger steps than the real one to learn a taste in one round.
+    # The tiny random model needs bigger steps than the real one to learn a taste in one round,
+    # and no RPO anchor: its NLL per token (about 11 nats, a random model) would swamp the DPO term.
     fast = tmp_path / "fast.yaml"
-    fast.write_text("learning_rate: 2.0e-3\nepochs: 3\nheldout_percent: 30\n")
+    # promotion ab: the candidate that passes the gate challenges v1, and the simulator's
+    # side-by-side votes decide (ab_min_votes 10: a tiny test).
+    fast.write_text("learning_rate: 2.0e-3\nepochs: 3\nheldout_percent: 30\nrpo_alpha: 0\npromotion: ab\n"
+                    "ab_min_votes: 10\n")
     port = free_port()
     with persona_process(["up", "--port", str(port), "--no-scheduler", "--retrain-recipe", str(fast)], port,
                          tmp_path / "up.log", env=tiny_home) as url:
@@ -59,12 +63,17 @@ def test_simulated_votes_retrain_gate_promote_rollback(tiny_home, tmp_path):
                       "--rounds", "1", "--pairs-per-round", "64", "--max-tokens", "12", "--heldout", "4",
                       "--gateway", url, env={**tiny_home, "COLUMNS": "200"}, timeout=900)
         assert sim.returncode == 0, sim.stderr[-3000:] + sim.stdout[-3000:]
-        assert "promoted" in sim.stdout, sim.stdout
+        said = " ".join(sim.stdout.split())
+        assert "A/B of v2 against v1: promoted after" in said, sim.stdout   # gate, challenger, votes, promotion
         assert served_version(url) == 2                       # the new version answers under the persona name
-        assert registry.active("tiny").version == 2
+        assert registry.active("tiny").version == 2 and registry.candidate("tiny") is None
         runs = httpx.get(url + "/admin/runs", params={"persona": "tiny"}).json()["runs"]
         assert runs[0]["status"] == "promoted" and runs[0]["parent_version"] == 1
         assert runs[0]["adapter_version"] == 2 and runs[0]["reward_accuracy"] > 0.5
+        experiment = httpx.get(url + "/admin/experiments", params={"persona": "tiny"}).json()["experiments"][0]
+        figures = experiment["figures"]
+        assert experiment["status"] == "promoted" and (experiment["challenger"], experiment["active"]) == (2, 1)
+        assert figures["votes"] >= 10 and figures["low"] > 0.5 and figures["decision"] == "promote"
         comparisons = httpx.post(url + "/admin/snapshot").json()["path"]
         assert comparisons
 

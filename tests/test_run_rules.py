@@ -54,7 +54,7 @@ def test_share_cap_and_voter_disjoint_heldout_in_the_file(store, tmp_path):
     pairs_of(store, "heavy", 60)
     for voter in ("a", "b", "c", "d", "e"):
         pairs_of(store, voter, 8)
-    data, kind, train, figures = export_preferences(store, "teto", recipe(), tmp_path)
+    data, kind, train, figures = export_preferences(store, "teto", recipe(), tmp_path, 1)
     rows = read_file(data)
     totals = contributions(rows)
     assert max(totals.values()) / sum(totals.values()) <= 0.25 + 1e-9   # 60% before
@@ -75,7 +75,7 @@ def test_few_voters_keep_the_split_by_context_and_no_cap(store, tmp_path):
 
     pairs_of(store, "a", 30)
     pairs_of(store, "b", 10)
-    data, _, _, figures = export_preferences(store, "teto", recipe(), tmp_path)
+    data, _, _, figures = export_preferences(store, "teto", recipe(), tmp_path, 1)
     rows = read_file(data)
     assert figures["split"] == "context" and figures["dropped_rows"] == 0 and len(rows) == 40
     assert {r["weight"] for r in rows} == {1.0}    # two voters cannot each hold 25%: no cap

@@ -4,9 +4,12 @@ its own keys, judges the same answers as the others, and --flip turns verdicts r
 from __future__ import annotations
 
 import random
+import threading
 from argparse import Namespace
 
 import pytest
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 
 from feedback.errors import UserError
 from train import simulate
@@ -24,6 +27,9 @@ class FakeApi:
 
     def compare(self, turn_a, turn_b, choice, left, headers):
         self.posted.append((headers["Authorization"], turn_a, turn_b, choice, left))
+
+    def running_experiment(self, persona):
+        return None
 
 
 def shorter(prompt, a, b):
@@ -51,7 +57,8 @@ def test_every_rater_judges_the_same_pairs_with_its_own_keys_and_flip_adds_noise
     monkeypatch.setenv("PERSONA_API_KEY", "k1,k2,k3")
     raters = [simulate.Rater("shorter", shorter, keys) for keys in simulate.rater_keys(2)]
     api = FakeApi()
-    counts = simulate.rate_round(api, raters, args(), random.Random(0), 1)
+    counts, experiment = simulate.rate_round(api, raters, args(), random.Random(0), 1)
+    assert experiment is None
     assert sum(counts.values()) == 400
     by_key = {}
     for key, turn_a, turn_b, choice, left in api.posted:
@@ -72,3 +79,237 @@ def honest(turn_a: str, turn_b: str, left: str) -> str:
     one, two = ("x" * (int(t.rsplit("/", 1)[1]) % 7 + 1) for t in (turn_a, turn_b))
     verdict = shorter("", *((one, two) if left == "a" else (two, one)))
     return verdict if verdict == "tie" or left == "a" else simulate.flip(verdict)
+
+
+# --- against a fake gateway on loopback: the scheduler's runs (409) and A/B experiments ---------------------------
+
+ADMIN = {"Authorization": "Bearer adm"}
+
+
+class FakeGateway:
+    """The routes ``persona simulate`` uses, with a scripted run and experiment. Version 1 is
+    active; version v answers with 12 - 4v words (so the challenger v2 is the shorter). A run
+    finishes after ``polls`` looks at /admin/runs; ``going`` makes one already going (the
+    scheduler's: /admin/retrain answers 409 until it ends), recorded or not yet; a run ending
+    as "challenger" starts an experiment, decided after ``decide_after`` comparisons (never
+    when None)."""
+
+    def __init__(self, going: str | None = None, status: str = "promoted", polls: int = 2,
+                 decide_after: int | None = None):
+        from feedback import runs
+
+        self.now, self.status, self.polls, self.decide_after = runs.now, status, polls, decide_after
+        self.active, self.lock = 1, threading.Lock()
+        self.turns, self.chats, self.comparisons, self.retrains, self.stops = {}, [], [], [], []
+        self.experiments, self.looks = [], {}
+        self.runs = [{"id": "old-0", "persona": "teto", "status": "promoted", "started_at": "2020-01-01 00:00:00"}]
+        going_run = {"id": "sched-1", "persona": "teto", "status": "running", "started_at": runs.now()}
+        self.unrecorded = going_run if going == "unrecorded" else None
+        if going == "recorded":
+            self.runs.insert(0, going_run)
+
+    def app(self):
+        app = FastAPI()
+
+        def admin(request: Request):
+            if request.headers.get("authorization") != ADMIN["Authorization"]:
+                raise HTTPException(403)
+
+        @app.post("/v1/chat/completions")
+        def chat(body: dict, request: Request):
+            model, seed = body["model"], body.get("seed") or 0
+            version = int(model.split("@v")[1]) if "@v" in model else self.active
+            with self.lock:
+                turn = f"turn-{len(self.turns)}"
+                self.turns[turn] = (version, request.headers.get("authorization"))
+                self.chats.append((model, seed, body["temperature"]))
+            words = " ".join(["word"] * (12 - 4 * version + seed % 2))
+            return {"id": turn, "model": f"teto@v{version}", "choices": [{"message": {"content": words}}]}
+
+        @app.post("/v1/comparisons")
+        def compare(body: dict, request: Request):
+            with self.lock:
+                self.comparisons.append((request.headers.get("authorization"), body))
+                self._count(body)
+            return {"ok": True}
+
+        @app.post("/admin/retrain")
+        def retrain(body: dict, request: Request):
+            admin(request)
+            with self.lock:
+                self.retrains.append(body)
+                if self.unrecorded or self.runs[0]["status"] == "running":
+                    return JSONResponse({"error": {"message": "A retrain of teto is already running."}}, 409)
+                self.runs.insert(0, {"id": f"run-{len(self.retrains)}", "persona": "teto", "status": "running",
+                                     "started_at": self.now()})
+            return {"persona": "teto", "status": "started", "log": "-"}
+
+        @app.get("/admin/runs")
+        def list_runs(persona: str, limit: int, request: Request):
+            admin(request)
+            with self.lock:
+                self._advance()
+                return {"runs": self.runs[:limit]}
+
+        @app.get("/admin/experiments")
+        def experiments(persona: str, request: Request):
+            admin(request)
+            return {"experiments": self.experiments}
+
+        @app.post("/admin/experiments/{experiment_id}/stop")
+        def stop(experiment_id: str, request: Request):
+            admin(request)
+            self.stops.append(experiment_id)
+            self.experiments[0]["status"] = "stopped"
+            return {"id": experiment_id, "status": "stopped"}
+
+        return app
+
+    def _advance(self) -> None:
+        """A look at the runs: a run not recorded yet records itself; a going one ends at last."""
+        if self.unrecorded:  # the scheduler's run records itself at the third look
+            self.looks["unrecorded"] = self.looks.get("unrecorded", 0) + 1
+            if self.looks["unrecorded"] >= 3:
+                self.runs.insert(0, self.unrecorded)
+                self.unrecorded = None
+            return
+        run = self.runs[0]
+        self.looks[run["id"]] = looks = self.looks.get(run["id"], 0) + 1
+        if run["status"] != "running" or looks < self.polls:
+            return
+        run.update(status=self.status, adapter_version=2, reward_accuracy=0.75,
+                   metrics={"reward_model": {"heldout_accuracy": 0.625}})
+        if self.status == "challenger":
+            self.experiments.insert(0, {"id": "exp-1", "persona": "teto", "challenger": 2, "active": 1,
+                                        "status": "running", "figures": {"votes": 0, "wins": 0}})
+        elif self.status == "promoted":
+            self.active = 2
+
+    def _count(self, body: dict) -> None:
+        """A comparison between the active's and the challenger's turns counts in the experiment."""
+        experiment = self.experiments[0] if self.experiments else None
+        versions = {self.turns[body["turn_a"]][0]: "a", self.turns[body["turn_b"]][0]: "b"}
+        if not experiment or experiment["status"] != "running" or set(versions) != {1, 2}:
+            return
+        figures = experiment["figures"]
+        figures["votes"] += 1
+        figures["wins"] += 1 if body["choice"] == versions[2] else 0.5 if body["choice"] == "tie" else 0
+        figures.update(win_rate=figures["wins"] / figures["votes"], low=0.4, high=0.9)
+        if self.decide_after is not None and figures["votes"] >= self.decide_after:
+            experiment["status"], self.active = "promoted", 2
+
+
+@pytest.fixture
+def gateway(monkeypatch):
+    """Start a FakeGateway (its arguments) on loopback; yields (fake, url)."""
+    from feedback import runs
+    from serve.processes import serve_in_thread
+
+    monkeypatch.setenv("PERSONA_ADMIN_KEY", "adm")
+    monkeypatch.setattr(simulate, "RUN_POLL_SECONDS", 0.05)
+    if "challenger" not in runs.FINISHED:  # the A/B engineer adds it to FINISHED; until then, here
+        monkeypatch.setattr(runs, "FINISHED", (*runs.FINISHED, "challenger"))
+    servers = []
+
+    def start(**kw):
+        fake = FakeGateway(**kw)
+        url, server = serve_in_thread(fake.app())
+        servers.append(server)
+        return fake, url
+
+    yield start
+    for server in servers:
+        server.should_exit = True
+
+
+def simulate_main(url: str, tmp_path, *flags: str, rounds: int = 1) -> list[dict]:
+    """``persona simulate`` (one round, a few pairs) against ``url``; returns its --out rows."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser()
+    simulate.add_arguments(parser)
+    (tmp_path / "prompts.txt").write_text("p1\np2\np3\n")
+    out = tmp_path / "sim.json"
+    parsed = parser.parse_args(["--persona", "teto", "--rounds", str(rounds), "--pairs-per-round", "4", "--heldout", "2",
+                                "--workers", "2", "--gateway", url, "--prompts", str(tmp_path / "prompts.txt"),
+                                "--out", str(out), *flags])
+    parsed.func(parsed)
+    return json.loads(out.read_text())
+
+
+def said(capsys) -> str:
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("going", ["recorded", "unrecorded"])
+def test_a_round_waits_for_the_run_already_going_and_reports_it(gateway, tmp_path, capsys, going):
+    fake, url = gateway(going=going, status="rejected")
+    rows = simulate_main(url, tmp_path, "--rater", "train.raters:shorter")
+    assert len(fake.retrains) == 1 and "promotion" not in fake.retrains[0]   # asked once; no second run after it
+    assert fake.retrains[0] == {"persona": "teto", "force": True}
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["run"] == "sched-1" and rows[1]["status"] == "rejected" and rows[1]["ab"] is None
+    assert rows[1]["rm_accuracy"] == 0.625 and rows[1]["reward_accuracy"] == 0.75
+    out = said(capsys)
+    assert "the round's run was the scheduler's: sched-1" in out
+    assert f"the table is in {tmp_path / 'sim.json'}" in out
+
+
+def test_the_promotion_field_is_sent_only_when_asked(gateway, tmp_path):
+    fake, url = gateway()
+    rows = simulate_main(url, tmp_path, "--rater", "train.raters:shorter", "--promotion", "gate")
+    assert fake.retrains == [{"persona": "teto", "force": True, "promotion": "gate"}]
+    assert rows[1]["run"] == "run-1" and rows[1]["status"] == "promoted" and rows[1]["served"] == 2
+
+
+def test_promotion_ab_plays_the_pinned_versions_until_the_experiment_is_decided(gateway, tmp_path, capsys,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("PERSONA_API_KEY", "k1,k2")
+    fake, url = gateway(status="challenger", decide_after=20)
+    rows = simulate_main(url, tmp_path, "--rater", "train.raters:shorter", "--rater", "train.raters:direct",
+                         "--promotion", "ab", "--temperature", "0.7")
+    assert fake.retrains == [{"persona": "teto", "force": True, "promotion": "ab"}]
+    ab = [(key, body) for key, body in fake.comparisons
+          if {fake.turns[body["turn_a"]][0], fake.turns[body["turn_b"]][0]} == {1, 2}]
+    assert 20 <= len(ab) <= 32 and len(fake.stops) == 0        # batches of 16, until decided
+    for key, body in ab:
+        assert fake.turns[body["turn_a"]] == (1, key) and fake.turns[body["turn_b"]] == (2, key)  # active, challenger
+    assert {key for key, _ in ab} == {"Bearer k1", "Bearer k2"}                  # each rater under its own key
+    assert {body["left"] for _, body in ab} == {"a", "b"}                       # shown in random order
+    shorter_votes = [body["choice"] for key, body in ab if key == "Bearer k1"]
+    assert set(shorter_votes) == {"b"}                           # shorter prefers the challenger's, wherever shown
+    pinned = [(m, seed, t) for m, seed, t in fake.chats if "@v" in m and t == 0.7]
+    assert {m for m, _, _ in pinned} == {"teto@v1", "teto@v2"}
+    assert sorted(s for m, s, _ in pinned if m == "teto@v1") == sorted(s for m, s, _ in pinned if m == "teto@v2")
+    row = rows[1]
+    assert row["status"] == "challenger" and row["served"] == 2
+    assert row["ab"]["status"] == "promoted" and row["ab"]["played"] == len(ab)
+    cell = simulate.ab_cell(row["ab"])
+    assert cell.startswith(f"promoted {row['ab']['figures']['wins']:g}/{row['ab']['figures']['votes']} (0.40-0.90)")
+    assert "promoted after" in said(capsys)
+
+
+def test_promotion_ab_stops_an_undecided_experiment_at_ab_max_votes(gateway, tmp_path, capsys):
+    fake, url = gateway(status="challenger", decide_after=None)
+    rows = simulate_main(url, tmp_path, "--rater", "train.raters:shorter", "--promotion", "ab",
+                         "--ab-max-votes", "40")
+    ab = [body for _, body in fake.comparisons if fake.turns[body["turn_b"]][0] == 2]
+    assert len(ab) == 40 and fake.stops == ["exp-1"]
+    assert rows[1]["ab"]["status"] == "stopped" and rows[1]["served"] == 1
+    assert simulate.ab_cell(rows[1]["ab"]).startswith("stopped 40/40")
+    assert "still undecided after 40 comparisons" in said(capsys)
+    assert simulate.ab_cell(None) == "-"
+
+
+def test_the_next_round_pits_the_challenger_against_the_active_version_and_decides_it(gateway, tmp_path):
+    """As in the side-by-side view: while an experiment runs, a round's comparisons are the active
+    version against the challenger, so the round's votes decide it; no extra A/B phase but the last."""
+    fake, url = gateway(status="challenger", decide_after=8)
+    rows = simulate_main(url, tmp_path, "--rater", "train.raters:shorter", "--pairs-per-round", "40", rounds=2)
+    first_run = len(fake.chats)
+    pairs = [{fake.turns[b["turn_a"]][0], fake.turns[b["turn_b"]][0]} for _, b in fake.comparisons]
+    assert pairs[:40] == [{1}] * 40                          # round 1: two answers of v1
+    assert pairs[40:56] == [{1, 2}] * 16       # round 2: v1 against the challenger, one batch (decided at 8)
+    assert pairs[56:80] == [{2}] * 24          # then, v2 promoted, two answers of the new active version
+    assert rows[1]["status"] == "challenger" and rows[2]["ab"]["status"] == "promoted" and first_run

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from train import base_model, registry
+from train import base_model, registry, reward
 from train.config import ConfigError
 from train.evaluate import adapters_nll
 from train.personas import Persona, load_persona
@@ -167,9 +167,11 @@ def trainer_config(recipe: DPORecipe, kind: str, cuda: bool, output_dir: Path, *
     return (DPOConfig if kind == "dpo" else KTOConfig)(**fields)
 
 
-def make_trainer(model, tokenizer, train_rows: list[dict], config, kind: str, lean: bool = True):
+def make_trainer(model, tokenizer, train_rows: list[dict], config, kind: str, lean: bool = True,
+                 rpo_alpha: float = 0.0):
     """TRL's trainer for ``kind``, with each row's weight in the loss; ``lean`` swaps in the
-    lean DPO loss where it applies (sigmoid loss, precomputed reference log-probs)."""
+    lean DPO loss where it applies (sigmoid loss, precomputed reference log-probs), with
+    ``rpo_alpha`` x the chosen answers' NLL per token added (RPO's anchor)."""
     from datasets import Dataset
 
     if kind == "dpo":
@@ -178,9 +180,13 @@ def make_trainer(model, tokenizer, train_rows: list[dict], config, kind: str, le
         cls = _lean_dpo_class() if lean else _weighted_dpo_class()
     else:
         cls = _weighted_kto_class()
+    if rpo_alpha and not (kind == "dpo" and lean):
+        raise ConfigError("rpo_alpha needs the lean DPO loss (loss_type sigmoid, precompute_ref true)")
     model.config.use_cache = False
-    return cls(model=model, args=config, train_dataset=Dataset.from_list(normalised_weights(train_rows)),
-               processing_class=tokenizer)
+    trainer = cls(model=model, args=config, train_dataset=Dataset.from_list(normalised_weights(train_rows)),
+                  processing_class=tokenizer)
+    trainer.rpo_alpha = rpo_alpha
+    return trainer
 
 
 def normalised_weights(rows: list[dict]) -> list[dict]:
@@ -296,10 +302,10 @@ def _weighted_kto_class():
     return WeightedKTOTrainer
 
 
-def completion_logps(model, inputs):
+def completion_logps(model, inputs, per_token: bool = False):
     """Summed log-probs of each sequence's completion tokens, with the LM head applied only
     at completion positions (TRL's fused head computes log-probs, entropy and top-1 for
-    every position over the whole vocabulary)."""
+    every position over the whole vocabulary); ``per_token``: also their token counts."""
     import torch
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -309,7 +315,8 @@ def completion_logps(model, inputs):
     rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
     logits = base.lm_head(hidden[:, :-1][mask]).float()
     token_logps = -torch.nn.functional.cross_entropy(logits, inputs["input_ids"][:, 1:][mask], reduction="none")
-    return torch.zeros(mask.size(0), dtype=token_logps.dtype, device=mask.device).index_add(0, rows, token_logps)
+    sums = torch.zeros(mask.size(0), dtype=token_logps.dtype, device=mask.device).index_add(0, rows, token_logps)
+    return (sums, mask.sum(1).clamp(min=1)) if per_token else sums
 
 
 def _lean_dpo_class():
@@ -331,11 +338,14 @@ def _lean_dpo_class():
 
         def _compute_loss(self, model, inputs, return_outputs):
             mode = "train" if self.model.training else "eval"
-            chosen, rejected = completion_logps(model, inputs).chunk(2, dim=0)
+            logps, tokens = completion_logps(model, inputs, per_token=True)
+            (chosen, rejected), chosen_tokens = logps.chunk(2, dim=0), tokens.chunk(2, dim=0)[0]
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             chosen_rewards = self.beta * (chosen - ref_chosen)
             rejected_rewards = self.beta * (rejected - ref_rejected)
             losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+            if getattr(self, "rpo_alpha", 0.0):  # RPO: the chosen answers' NLL per token anchors the policy
+                losses = losses - self.rpo_alpha * chosen / chosen_tokens
             weight = inputs.get("weight")   # normalised to mean 1 over the data set (normalised_weights)
             loss = (losses * weight.to(losses)).mean() if weight is not None else losses.mean()
             metrics = self._metrics[mode]
@@ -380,12 +390,17 @@ def train(persona: Persona, data: PreferenceData, recipe: DPORecipe,
     model, qlora = load_policy(base, active.path, recipe, cuda)
     console.print(f"[bold]{data.kind.upper()}[/] persona={persona.name} from {active.name}: {len(data.train)} "
                   f"train, {len(data.heldout)} held-out examples; beta={recipe.beta} lr={recipe.learning_rate}")
+    extra, rm_report = reward.augment(model, tokenizer, persona, data, recipe)
+    if extra:
+        console.print(f"reward model (held-out accuracy {rm_report['heldout_accuracy']}, cross-validated "
+                      f"{rm_report['cv_accuracy']}): {len(extra)} extra pairs from {rm_report['prompts']} prompts")
     with staged(persona.name) as staging:
         config = trainer_config(recipe, data.kind, cuda, staging / "trainer")
-        trainer = make_trainer(model, tokenizer, data.train, config, data.kind)
+        trainer = make_trainer(model, tokenizer, data.train + extra, config, data.kind, rpo_alpha=recipe.rpo_alpha)
         with matmul_precision(recipe.float32_matmul_precision):
             trainer.train()
         metrics = {"kind": data.kind, "train_examples": len(data.train), "heldout_examples": len(data.heldout),
+                   "reward_model": rm_report, "extra_pairs": len(extra),
                    "train_seconds": round(time.time() - started, 1), **_train_metrics(trainer.state.log_history),
                    **measure(trainer, model, tokenizer, persona, data, recipe)}
         shutil.rmtree(staging / "trainer", ignore_errors=True)
@@ -415,6 +430,10 @@ def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, r
         metrics.update(kto_heldout(model, tokenizer, data.heldout, recipe.beta))
     metrics.update(sft_losses(model, tokenizer, persona))
     metrics.update(safety_losses(model, tokenizer, persona))
+    from train.consistency import consistency_scores
+
+    scores = consistency_scores(model, tokenizer, persona, {"candidate": "default", "active": "ref"})
+    metrics.update({f"consistency_{label}": score for label, score in scores.items()})
     metrics["sanity_answers"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens)
     metrics["sanity_answers_active"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens, "ref")
     return metrics
@@ -467,7 +486,18 @@ def sft_losses(model, tokenizer, persona: Persona) -> dict:
     """Held-out persona SFT loss (mean NLL per answer token) of the candidate ("default")
     and of the active adapter it started from (the frozen "ref" copy)."""
     nll = adapters_nll(model, tokenizer, persona, "heldout", ["en"])
-    return {f"sft_nll_{adapter}": value for adapter, value in nll.items()}
+    out = {f"sft_nll_{adapter}": value for adapter, value in nll.items()}
+    sft = registry.sft_version(persona.name)
+    if nll and sft is not None:  # the bound that cannot drift: against the persona's SFT version
+        model.load_adapter(str(sft.path), adapter_name="sft-version", is_trainable=False)
+        try:
+            out["sft_nll_sft"] = adapters_nll(model, tokenizer, persona, "heldout", ["en"],
+                                              adapter="sft-version")["candidate"]
+        finally:
+            model.set_adapter("default")
+            model.delete_adapter("sft-version")
+        out["sft_version"] = sft.version
+    return out
 
 
 def safety_losses(model, tokenizer, persona: Persona) -> dict:

@@ -58,17 +58,19 @@ def mean_nll(model, tokenized: list[Tokenized], pad_id: int, batch_size: int = 8
     return {"mean_nll": total / max(count, 1), "answer_tokens": count, "examples": len(tokenized)}
 
 
-def adapters_nll(model, tokenizer, persona, split: str, languages: list[str]) -> dict:
+def adapters_nll(model, tokenizer, persona, split: str, languages: list[str], adapter: str = "default") -> dict:
     """Mean NLL per answer token of the persona's ``split`` dialogues in ``languages`` under
-    the candidate ("default") and, where the model holds it, the frozen copy of the active
-    adapter ("ref"): ``{"candidate": x, "active": y}``; ``{}`` when there are none."""
+    the candidate (``adapter``, "default") and, where the model holds it, the frozen copy of
+    the active adapter ("ref"): ``{"candidate": x, "active": y}``; ``{}`` when there are none."""
     files = [(persona.resolve(f.path), f.language) for f in persona.files(split, languages)]
     examples = load_files(files, languages) if files else []
     if not examples:
         return {}
     tokenized = tokenize_examples(tokenizer, examples, persona.system_prompt)
+    model.set_adapter(adapter)
     out = {"candidate": mean_nll(model, tokenized, tokenizer.pad_token_id)["mean_nll"]}
-    if "ref" in model.peft_config:
+    model.set_adapter("default")
+    if "ref" in model.peft_config and adapter == "default":
         model.set_adapter("ref")
         try:
             out["active"] = mean_nll(model, tokenized, tokenizer.pad_token_id)["mean_nll"]

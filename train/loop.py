@@ -95,11 +95,18 @@ class GatewayClient:
     def reload(self) -> dict:
         return self._post("/admin/reload")["active"]
 
-    def retrain(self, persona: str, force: bool) -> dict:
+    def retrain(self, persona: str, force: bool, promotion: str | None = None) -> dict:
         """Ask the gateway's scheduler to start a run now; returns when it started (UTC text,
-        comparable with the runs' ``started_at``) and its log."""
+        comparable with the runs' ``started_at``) and its log. ``promotion``: "gate" or "ab"
+        instead of the recipe's."""
         asked = runs.now()
-        return {**self._post("/admin/retrain", {"persona": persona, "force": force}), "asked": asked}
+        body = {"persona": persona, "force": force, **({"promotion": promotion} if promotion else {})}
+        return {**self._post("/admin/retrain", body), "asked": asked}
+
+    def start_experiment(self, persona: str, version: int, run_id: str, rules: dict) -> dict:
+        """Start the A/B experiment of a gate-passing candidate against the active version."""
+        return self._post("/admin/experiments", {"persona": persona, "challenger": version, "run_id": run_id,
+                                                 **rules})
 
     def wait_for_run(self, persona: str, since: str, timeout: float) -> dict:
         """The persona's newest run started at or after ``since``, once it has finished."""
@@ -121,15 +128,18 @@ def kind_from_counts(method: str, counts: dict, min_pairs: int) -> str:
 
 
 def retrain(persona: str, gateway: str | None = None, force: bool = False, recipe_name: str = "dpo",
-            snapshot: str | None = None) -> dict:
+            snapshot: str | None = None, promotion: str | None = None) -> dict:
     """One run for ``persona``; returns its record. ``snapshot``: a snapshot folder to read
     instead of asking the gateway for one; ``force``: train below the recipe's min_pairs and
-    min_voters."""
+    min_voters; ``promotion``: "gate" (promote once the gate passes) or "ab" (an A/B
+    experiment decides) instead of the recipe's."""
     from train.personas import load_persona
-    from train.recipes import DPORecipe, load_recipe
+    from train.recipes import DPORecipe, load_recipe, override
 
     info = load_persona(persona)
     recipe = load_recipe(recipe_name, DPORecipe)
+    if promotion is not None:
+        recipe = override(recipe, promotion=promotion)
     active = registry.active(persona)
     if active is None:
         raise UserError(f"{persona} has no active adapter yet (run: persona train sft --persona {persona})")
@@ -140,7 +150,7 @@ def retrain(persona: str, gateway: str | None = None, force: bool = False, recip
            "started_at": runs.now()}
     try:
         runs.close_interrupted(db, persona, lambda row: _record(row, client, db))
-        data, kind, examples, voters = export_preferences(db, persona, recipe, run_dir)
+        data, kind, examples, voters = export_preferences(db, persona, recipe, run_dir, active.version)
         run.update(kind=kind, train_examples=examples, metrics={"voter_rules": voters})
         if voters["voters"] < recipe.min_voters and not force:
             return _finish(run, client, db, "skipped", f"the {kind} data comes from {voters['voters']} distinct "
@@ -167,12 +177,14 @@ def open_feedback(client: GatewayClient | None, snapshot: str | None):
     return Store.open()
 
 
-def export_preferences(db, persona: str, recipe, run_dir: Path) -> tuple[Path, str, int, dict]:
+def export_preferences(db, persona: str, recipe, run_dir: Path, active_version: int) -> tuple[Path, str, int, dict]:
     """Build the persona's pairs with the recipe's rules, apply the run-level voter rules
     (``feedback.voters.apply_run_rules``: the share cap, the held-out split by voter) and
+    bound the replay of pairs older than ``active_version`` (``train.replay``), and
     write the run's kind as Parquet (the step's input); returns (file, kind, training
     examples in it, the voter figures for the run's metrics)."""
     from feedback import voters
+    from train.replay import bound_replay
 
     rules = recipe.pair_rules()
     counts = pairs.build(db, persona, rules, kinds=("dpo", "kto"))
@@ -180,6 +192,7 @@ def export_preferences(db, persona: str, recipe, run_dir: Path) -> tuple[Path, s
     table = f"pref_{kind}"
     rows, figures = voters.apply_run_rules(export.read_rows(db, table), recipe.share_cap, recipe.heldout_percent,
                                            recipe.min_voters)
+    rows, figures["replay"] = bound_replay(rows, active_version, recipe.replay_pairs, recipe.seed)
     export.write_back(db, table, rows)
     figures["outliers"] = pairs.built_outliers(db, persona)
     data = run_dir / f"{kind}.parquet"
@@ -187,7 +200,9 @@ def export_preferences(db, persona: str, recipe, run_dir: Path) -> tuple[Path, s
     train = export.count(db, table, "train")
     console.print(f"{persona}: {counts['dpo']} DPO pairs, {counts['kto']} KTO examples -> {kind} run {run_dir.name} "
                   f"({train} {kind} examples to train on; {figures['voters']} voters, held out by "
-                  f"{figures['split']}, largest voter share {figures['largest_share_after']:.0%})")
+                  f"{figures['split']}, largest voter share {figures['largest_share_after']:.0%}; "
+                  f"{figures['replay']['new']} new pairs, {figures['replay']['replayed']} of "
+                  f"{figures['replay']['earlier']} earlier ones replayed)")
     return data, kind, train, figures
 
 
@@ -203,11 +218,37 @@ def _train_gate_promote(run: dict, client, db, persona, data: Path, recipe, forc
                reward_margin=metrics.get("reward_margin"),
                metrics={**run.get("metrics", {}), **{k: v for k, v in metrics.items() if k != "sanity_answers"}})
     _record({**run, "status": "gating"}, client, db)
-    reasons = gate.check(metrics, recipe)
+    ab = client is not None and promotion_mode(recipe, db, persona.name) == "ab"  # A/B needs a gateway's users
+    reasons = gate.check(metrics, recipe, challenger=ab)
     if reasons:  # kept on disk, but never served, not even by pin
         registry.mark_rejected(persona.name, version.version, "; ".join(reasons))
         return _finish(run, client, db, "rejected", "; ".join(reasons))
+    if ab:
+        return _challenge(run, client, db, persona.name, version.version, recipe)
     return _promote(run, client, db, persona.name, version.version, run["parent_version"])
+
+
+def promotion_mode(recipe, db, persona: str) -> str:
+    """"gate" or "ab": the recipe's, and with ``auto`` ab where the persona has side-by-side
+    votes (someone to decide an experiment), else gate."""
+    if recipe.promotion != "auto":
+        return recipe.promotion
+    return "ab" if pairs.comparison_count(db, persona) > 0 else "gate"
+
+
+def _challenge(run: dict, client, db, persona: str, version: int, recipe) -> dict:
+    """Start the A/B experiment of a gate-passing candidate: the users' verdicts decide."""
+    rules = {"share": recipe.ab_share, "min_votes": recipe.ab_min_votes, "alpha": recipe.ab_alpha,
+             "max_hours": recipe.ab_max_hours}
+    try:
+        experiment = client.start_experiment(persona, version, run["id"], rules)
+    except UserError as exc:
+        return _finish(run, client, db, "failed", f"v{version} passed the gate but its A/B experiment did not start: "
+                                                  f"{exc}")
+    return _finish(run, client, db, "challenger",
+                   f"v{version} passed the gate and challenges v{run['parent_version']} in experiment "
+                   f"{experiment.get('id')} (side-by-side verdicts decide: {recipe.ab_min_votes} at least, "
+                   f"{recipe.ab_share:.0%} of API clients served by it)")
 
 
 def new_run_dir(persona: str) -> Path:
@@ -259,6 +300,6 @@ def _record(run: dict, client, db) -> None:
 def _finish(run: dict, client, db, status: str, message: str) -> dict:
     run.update(status=status, message=message, finished_at=runs.now())
     _record(run, client, db)
-    colour = {"promoted": "green", "rejected": "yellow", "skipped": "yellow"}.get(status, "red")
+    colour = {"promoted": "green", "challenger": "green", "rejected": "yellow", "skipped": "yellow"}.get(status, "red")
     console.print(f"[{colour}]run {run['id']}: {status}[/] ({message})")
     return run

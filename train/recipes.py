@@ -93,7 +93,7 @@ class DPORecipe(TrainingRecipe):
     precompute_ref: bool = True
     precompute_batch_size: int = 16
     # ---- the data and the gate ----
-    heldout_percent: int = 10             # share of prompt contexts held out to judge the candidate
+    heldout_percent: int = 20             # share of prompt contexts held out to judge the candidate
     voter_cap: float = 200.0              # the most weight one voter's votes carry, all together
     drop_outliers: bool = True            # voters far more against the others than chance weigh 0
     outlier_min_shared: int = 20          # shared contexts before the outlier rule judges a voter
@@ -105,6 +105,32 @@ class DPORecipe(TrainingRecipe):
     max_sft_nll_increase: float = 0.10    # relative rise of held-out persona SFT loss allowed
     max_safety_nll_increase: float = 0.05  # relative rise of the held-out refusals' loss allowed
     sanity_max_tokens: int = 48           # answers to the fixed prompt set
+    max_consistency_drop: float = 0.05    # persona-consistency score may fall this much below the active's
+    # ---- learning more from each vote ----
+    # Replay: each run trains on the pairs new since the active version (its own answers) plus
+    # at most this many earlier pairs, so a run's time stays flat as votes accumulate.
+    replay_pairs: int = 48
+    # Anchor (RPO): rpo_alpha x the chosen answers' NLL per token added to the DPO loss.
+    rpo_alpha: float = 0.5
+    # Reward model (train/reward.py): a Bradley-Terry head on frozen base-model features,
+    # fitted on the human pairs, ranks rm_samples answers the active adapter samples for
+    # rm_prompts prompts; best against worst become extra pairs of weight rm_pair_weight.
+    reward_model: Literal["linear", "none"] = "linear"
+    rm_prompts: int = 32
+    rm_samples: int = 4
+    rm_max_tokens: int = 48
+    rm_temperature: float = 1.0
+    rm_pair_weight: float = 0.5           # relative to a human pair's mean weight (1)
+    rm_min_accuracy: float = 0.6          # below this held-out (or cross-validated) accuracy: no extra pairs
+    # ---- promotion ----
+    # gate: promote once the gate passes; ab: the candidate runs as a challenger and users'
+    # side-by-side verdicts decide (an A/B experiment); auto: ab where the persona has
+    # side-by-side votes, else gate.
+    promotion: Literal["auto", "gate", "ab"] = "auto"
+    ab_share: float = 0.1                 # share of API clients (sticky) the challenger serves
+    ab_min_votes: int = 40                # decisive side-by-side verdicts before a promotion
+    ab_alpha: float = 0.05                # error rate of each A/B decision
+    ab_max_hours: float = 72.0            # a challenger undecided after this long is retired
 
     def pair_rules(self) -> PairRules:
         """The pair builder's rules for this recipe's data (the loop and the scheduler's count)."""

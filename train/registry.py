@@ -167,6 +167,12 @@ def get(persona: str, version: int) -> AdapterVersion:
     raise RegistryError(f"{persona} has no adapter v{version} (versions: {known})")
 
 
+def sft_version(persona: str) -> AdapterVersion | None:
+    """The persona's newest SFT version (the one preference runs must not drift from)."""
+    found = [v for v in versions(persona) if v.meta.get("kind") == "sft"]
+    return found[-1] if found else None
+
+
 def staging_dir(persona: str) -> Path:
     folder = root() / persona
     folder.mkdir(parents=True, exist_ok=True)

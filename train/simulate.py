@@ -14,9 +14,20 @@ evenly over its keys (several voters of one taste: enough voters for ``min_voter
 probability P (a tie stays a tie). So the pair builder's agreement figures and its
 outlier rule can be watched on raters of known tastes.
 
+A round's run is the one it asks for (``POST /admin/retrain``, forced); when the
+gateway's scheduler has one going already (409), the round waits for that one and
+reports it (it starts no second run). ``--promotion gate|ab`` asks the run to promote
+at once or through an A/B experiment (default: as the recipe says). A run that ends
+as ``challenger`` started an experiment; the raters then play its side-by-side votes
+themselves (the active and the challenging version, pinned, one seed each pair) until
+the gateway decides it, or stop it after ``--ab-max-votes``. The table has a row a
+round; ``--out FILE.json`` writes the rows as JSON too.
+
     persona simulate --rater train.raters:shorter --persona teto --rounds 3 --pairs-per-round 64
     PERSONA_API_KEY=k1,k2 persona simulate --rater train.raters:shorter --rater train.raters:asks_back \
         --flip 0.2 --persona teto
+    PERSONA_API_KEY=k1,k2 persona simulate --rater train.raters:concrete --rater train.raters:mixed --persona teto \
+        --promotion ab --ab-max-votes 400 --out sim.json
 """
 
 from __future__ import annotations
@@ -24,19 +35,20 @@ from __future__ import annotations
 import importlib
 import json
 import random
+import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from feedback import settings
+from feedback import runs, settings
 from feedback.errors import UserError
-from train.loop import GatewayClient
+from train.loop import GatewayClient, error_message
 
 console = Console()
 
@@ -99,6 +111,16 @@ def flip(verdict: str) -> str:
 
 
 MAX_QUOTA_WAITS = 100  # a simulated voter over the vote quota waits its Retry-After this often at most
+RUN_POLL_SECONDS = 2.0  # how often the run already going (the scheduler's) is looked at
+AB_BATCH = 16           # A/B comparisons played between two looks at the experiment
+
+
+def version_number(value) -> int:
+    """A version as a number: 3, "3", "v3" and "teto-v3" are all 3."""
+    match = re.search(r"(\d+)$", str(value))
+    if match is None:
+        raise UserError(f"the gateway named a version {value!r}, not a number")
+    return int(match.group(1))
 
 
 class Api:
@@ -128,9 +150,62 @@ class Api:
         if r.status_code != 200:
             raise UserError(f"the gateway refused a comparison ({r.status_code}): {r.text[:200]}")
 
-    def retrain(self, persona: str, timeout: float) -> dict:
-        started = self.admin.retrain(persona, force=True)
-        return self.admin.wait_for_run(persona, started["asked"], timeout)
+    def _admin(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kw):
+        """An admin request (the admin key's headers); a status not in ``ok`` is a UserError."""
+        import httpx
+
+        try:
+            r = self.admin.http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise UserError(f"the gateway at {self.admin.url} did not answer {path} ({type(exc).__name__})") from None
+        if r.status_code not in ok:
+            hint = " (check PERSONA_ADMIN_KEY)" if r.status_code in (401, 403) else ""
+            raise UserError(f"the gateway refused {method.upper()} {path} ({r.status_code}): {error_message(r)}{hint}")
+        return r
+
+    def retrain(self, persona: str, timeout: float, promotion: str = "recipe") -> dict:
+        """Ask for a run now and return it once finished. ``promotion`` "gate" or "ab" overrides
+        the recipe's; "recipe" sends none. When a run is already going (409: the scheduler
+        started one), the round waits for that run instead and starts none after it."""
+        asked = runs.now()
+        body = {"persona": persona, "force": True, **({"promotion": promotion} if promotion != "recipe" else {})}
+        if self._admin("post", "/admin/retrain", ok=(200, 409), json=body).status_code == 200:
+            return self.admin.wait_for_run(persona, asked, timeout)
+        console.print(f"{persona}: a run is already going, so this round's run is the scheduler's: waiting for it"
+                      + (f" (--promotion {promotion} does not apply to it)" if promotion != "recipe" else ""))
+        run = self.wait_for_going_run(persona, timeout)
+        console.print(f"{persona}: the round's run was the scheduler's: {run['id']}, {run['status']}")
+        return run
+
+    def newest_run(self, persona: str) -> dict | None:
+        found = self._admin("get", "/admin/runs", params={"persona": persona, "limit": 1}).json()["runs"]
+        return found[0] if found else None
+
+    def wait_for_going_run(self, persona: str, timeout: float) -> dict:
+        """The run already going, once finished. When it has not recorded itself yet (the
+        scheduler is still exporting its snapshot), it is the next run recorded after the
+        newest finished one."""
+        newest = self.newest_run(persona)
+        over = newest["id"] if newest and newest["status"] in runs.FINISHED else None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(RUN_POLL_SECONDS)
+            run = self.newest_run(persona)
+            if run and run["id"] != over and run["status"] in runs.FINISHED:
+                return run
+        raise UserError(f"the run of {persona} already going did not finish within {timeout:.0f} s")
+
+    def experiment(self, persona: str, challenger: int) -> dict | None:
+        """The newest A/B experiment of ``persona`` whose challenger is that version."""
+        found = self._admin("get", "/admin/experiments", params={"persona": persona}).json()["experiments"]
+        return next((e for e in found if version_number(e["challenger"]) == challenger), None)
+
+    def running_experiment(self, persona: str) -> dict | None:
+        found = self._admin("get", "/admin/experiments", params={"persona": persona}).json()["experiments"]
+        return next((e for e in found if e["status"] == "running"), None)
+
+    def stop_experiment(self, experiment_id) -> None:
+        self._admin("post", f"/admin/experiments/{experiment_id}/stop", json={})
 
     def active_version(self, persona: str, headers: dict) -> int:
         reply = self.ask(persona, "hi", 1, 0.0, headers=headers)
@@ -163,18 +238,42 @@ def preference_rates(api: Api, raters: list[Rater], persona: str, original: int,
     return [sum(s[r] for s in scores) / max(len(scores), 1) for r in range(len(raters))]
 
 
-def rate_round(api: Api, raters: list[Rater], args, rng: random.Random, round_no: int) -> dict[str, int]:
-    """One round of comparisons: each job (prompt, two seeds, which is left) asked and judged by
-    every rater; returns the verdicts posted, counted."""
-    jobs = [(rng.choice(args.prompts_list), rng.randrange(1 << 30), rng.randrange(1 << 30), rng.choice("ab"))
-            for _ in range(args.pairs_per_round)]
+def rate_round(api: Api, raters: list[Rater], args, rng: random.Random, round_no: int) -> tuple[dict, dict | None]:
+    """One round of comparisons, as the side-by-side view asks them: two answers of the active
+    version, or, while an A/B experiment runs, the active version against the challenger (so
+    the round's votes decide it, as users' side-by-side votes do). Asked in batches, the
+    experiment looked at between them; returns the verdicts posted, counted, and the last
+    experiment the round voted in (None if none)."""
+    counts, seen, left = {"a": 0, "b": 0, "tie": 0}, None, args.pairs_per_round
+    while left > 0:
+        running = api.running_experiment(args.persona)
+        seen = running or (seen and api.experiment(args.persona, version_number(seen["challenger"])))
+        one, two = ((f"{args.persona}@v{version_number(running['active'])}",
+                     f"{args.persona}@v{version_number(running['challenger'])}") if running
+                    else (args.persona, args.persona))
+        batch = min(left, AB_BATCH if running else left)
+        jobs = [(rng.choice(args.prompts_list), (one, rng.randrange(1 << 30)), (two, rng.randrange(1 << 30)),
+                 rng.choice("ab")) for _ in range(batch)]
+        label = f"round {round_no}: asking and rating" + (f" ({two} against {one})" if running else "")
+        for key, value in judge_jobs(api, raters, args, rng, jobs, label).items():
+            counts[key] += value
+        left -= batch
+    if seen and seen["status"] == "running":
+        seen = api.experiment(args.persona, version_number(seen["challenger"]))
+    return counts, seen
+
+
+def judge_jobs(api: Api, raters: list[Rater], args, rng: random.Random, jobs: list, label: str) -> dict[str, int]:
+    """Each job (prompt, (model, seed) of answer one, (model, seed) of answer two, which is left)
+    asked and judged by every rater under its own key, and the comparison posted (turn_a is
+    answer one); returns the verdicts posted (as shown, left = a), counted."""
     work = [(job, rater, rater.keys[j % len(rater.keys)], rng.random() < args.flip)
             for j, job in enumerate(jobs) for rater in raters]  # a rater's pairs spread evenly over its keys
 
     def rate_one(item):
-        (prompt, seed_one, seed_two, left), rater, headers, flipped = item
-        one = api.ask(args.persona, prompt, args.max_tokens, args.temperature, seed_one, headers)
-        two = api.ask(args.persona, prompt, args.max_tokens, args.temperature, seed_two, headers)
+        (prompt, (model_one, seed_one), (model_two, seed_two), left), rater, headers, flipped = item
+        one = api.ask(model_one, prompt, args.max_tokens, args.temperature, seed_one, headers)
+        two = api.ask(model_two, prompt, args.max_tokens, args.temperature, seed_two, headers)
         shown = (one, two) if left == "a" else (two, one)
         verdict = rater.judge(prompt, *(_text(s) for s in shown))
         verdict = flip(verdict) if flipped else verdict
@@ -184,48 +283,149 @@ def rate_round(api: Api, raters: list[Rater], args, rng: random.Random, round_no
 
     counts = {"a": 0, "b": 0, "tie": 0}
     with Progress(console=console, transient=True) as progress, ThreadPoolExecutor(args.workers) as pool:
-        task = progress.add_task(f"round {round_no}: asking and rating", total=len(work))
+        task = progress.add_task(label, total=len(work))
         for verdict in pool.map(rate_one, work):
             counts[verdict] += 1
             progress.advance(task)
     return counts
 
 
+def ab_batch(api: Api, raters: list[Rater], args, rng: random.Random, active: int, challenger: int,
+             comparisons: int) -> int:
+    """About ``comparisons`` side-by-side votes between the two pinned versions: each prompt
+    asked of both with one seed, judged by every rater; returns how many were posted."""
+    jobs = []
+    for _ in range(max(1, comparisons // len(raters))):
+        prompt, seed, left = rng.choice(args.prompts_list), rng.randrange(1 << 30), rng.choice("ab")
+        jobs.append((prompt, (f"{args.persona}@v{active}", seed), (f"{args.persona}@v{challenger}", seed), left))
+    counts = judge_jobs(api, raters, args, rng, jobs, f"A/B: v{challenger} against v{active}")
+    return sum(counts.values())
+
+
+def play_ab(api: Api, raters: list[Rater], args, rng: random.Random, experiment: dict | None) -> dict | None:
+    """Vote in a running A/B experiment, unattended, until the gateway decides it; stop it
+    after ``--ab-max-votes`` comparisons. Returns the experiment as it ends, with ``played``
+    (the comparisons posted)."""
+    if experiment is None:
+        console.print("[yellow]the run left a challenger, but the gateway lists no experiment of it: no A/B votes[/]")
+        return None
+    active, challenger = version_number(experiment["active"]), version_number(experiment["challenger"])
+    played = 0
+    while experiment["status"] == "running" and played < args.ab_max_votes:
+        played += ab_batch(api, raters, args, rng, active, challenger, min(AB_BATCH, args.ab_max_votes - played))
+        experiment = api.experiment(args.persona, challenger) or experiment
+    if experiment["status"] == "running":
+        api.stop_experiment(experiment["id"])
+        console.print(f"[yellow]A/B of v{challenger} against v{active}: still undecided after {played} comparisons "
+                      f"(--ab-max-votes {args.ab_max_votes}): stopped it[/]")
+        experiment = api.experiment(args.persona, challenger) or {**experiment, "status": "stopped"}
+    else:
+        console.print(f"A/B of v{challenger} against v{active}: {experiment['status']} after {played} comparisons")
+    return {**experiment, "played": played}
+
+
+def ab_cell(experiment: dict | None) -> str:
+    """An experiment's outcome in a table cell: "promoted 31/45 (0.52-0.83)", or "-"."""
+    if not experiment:
+        return "-"
+    figures = experiment.get("figures") or {}
+    cell = experiment["status"]
+    if figures.get("votes") is not None and figures.get("wins") is not None:
+        cell += f" {figures['wins']:g}/{figures['votes']}"
+    if figures.get("low") is not None and figures.get("high") is not None:
+        cell += f" ({figures['low']:.2f}-{figures['high']:.2f})"
+    return cell
+
+
+def rm_accuracy(run: dict) -> float | None:
+    """The reward model's held-out accuracy, when the run trained one and its record says."""
+    metrics = run.get("metrics") or {}
+    if isinstance(metrics, str):  # a store row may carry its metrics as JSON text
+        metrics = json.loads(metrics)
+    return (metrics.get("reward_model") or {}).get("heldout_accuracy")
+
+
+def preferred(raters: list[Rater], rates: list[float]) -> list[dict]:
+    return [{"rater": rater.spec, "rate": rate} for rater, rate in zip(raters, rates)]
+
+
+def play_round(api: Api, raters: list[Rater], args, rng: random.Random, round_no: int, original: int,
+               heldout: list[str]) -> dict:
+    """One round: comparisons, the run (and its A/B experiment, if it started one), and the
+    measure on held-out prompts; returns the round's row."""
+    counts, experiment = rate_round(api, raters, args, rng, round_no)
+    if experiment and experiment["status"] == "running":  # the round did not decide it: play it to its end
+        experiment = play_ab(api, raters, args, rng, experiment)
+    before = api.active_version(args.persona, raters[0].headers)
+    run = api.retrain(args.persona, args.timeout, args.promotion)
+    if run["status"] == "challenger" and round_no == args.rounds:  # no next round to decide it
+        experiment = play_ab(api, raters, args, rng, api.experiment(args.persona,
+                                                                    version_number(run["adapter_version"])))
+    rates = preference_rates(api, raters, args.persona, original, heldout, args.max_tokens, args.workers)
+    return {"round": round_no, "comparisons": sum(counts.values()), "verdicts": counts, "run": run["id"],
+            "status": run["status"], "served": api.active_version(args.persona, raters[0].headers),
+            "reward_accuracy": run.get("reward_accuracy"), "rm_accuracy": rm_accuracy(run),
+            "ab": experiment and {k: experiment.get(k) for k in ("id", "status", "active", "challenger", "played",
+                                                                  "figures")},
+            "preferred": preferred(raters, rates)}
+
+
+COLUMNS = ("round", "comparisons", "a / b / tie", "run", "status", "A/B", "served", "reward acc.", "RM acc.")
+
+
+def row_cells(row: dict) -> list[str]:
+    """A round's row as the table's cells (COLUMNS, then the preference rates)."""
+    def percent(value):
+        return "-" if value is None else f"{value:.0%}"
+
+    verdicts = row.get("verdicts")
+    return [str(row["round"]), "-" if row.get("comparisons") is None else str(row["comparisons"]),
+            f"{verdicts['a']} / {verdicts['b']} / {verdicts['tie']}" if verdicts else "-", row.get("run") or "-",
+            row.get("status") or "-", ab_cell(row.get("ab")), f"v{row['served']}", percent(row.get("reward_accuracy")),
+            percent(row.get("rm_accuracy")), _rates([p["rate"] for p in row["preferred"]])]
+
+
 def _rates(rates: list[float]) -> str:
     return " / ".join(f"{r:.0%}" for r in rates)
+
+
+def load_prompts(args) -> tuple[list[str], list[str]]:
+    """The prompts to ask (--prompts, else the persona's training prompts) and to measure on."""
+    prompts = (json.loads(Path(args.prompts).read_text()) if args.prompts and args.prompts.endswith(".json")
+               else Path(args.prompts).read_text().splitlines() if args.prompts
+               else persona_prompts(args.persona, "train"))
+    heldout = persona_prompts(args.persona, "heldout")[: args.heldout]
+    if not prompts or not heldout:
+        raise UserError(f"{args.persona} has no prompts to ask (train) or to measure on (held-out)")
+    return prompts, heldout
 
 
 def main(args) -> None:
     raters = load_raters(args.rater)
     if not 0 <= args.flip <= 1:
         raise UserError(f"--flip {args.flip}: a probability, between 0 and 1")
+    if args.ab_max_votes < 1:
+        raise UserError(f"--ab-max-votes {args.ab_max_votes}: one comparison at least")
     api = Api(args.gateway)
-    args.prompts_list = (json.loads(Path(args.prompts).read_text()) if args.prompts and args.prompts.endswith(".json")
-                         else Path(args.prompts).read_text().splitlines() if args.prompts
-                         else persona_prompts(args.persona, "train"))
-    heldout = persona_prompts(args.persona, "heldout")[: args.heldout]
-    if not args.prompts_list or not heldout:
-        raise UserError(f"{args.persona} has no prompts to ask (train) or to measure on (held-out)")
+    args.prompts_list, heldout = load_prompts(args)
     rng = random.Random(args.seed)
     original = api.active_version(args.persona, raters[0].headers)
     names = ", ".join(r.spec for r in raters) + (f", verdicts flipped with p={args.flip:g}" if args.flip else "")
-    table = Table("round", "comparisons", "a / b / tie", "run", "status", "served", "reward acc.",
-                  "preferred over original" + (" (each rater)" if len(raters) > 1 else ""),
-                  title=f"{args.persona}: {'raters' if len(raters) > 1 else 'rater'} {names}")
+    title = f"{args.persona}: {'raters' if len(raters) > 1 else 'rater'} {names}"
+    last = "preferred over original" + (" (each rater)" if len(raters) > 1 else "")
     start = preference_rates(api, raters, args.persona, original, heldout, args.max_tokens, args.workers)
-    table.add_row("0", "-", "-", "-", "-", f"v{original}", "-", _rates(start))
+    rows = [{"round": 0, "served": original, "preferred": preferred(raters, start)}]
     started = time.monotonic()
     for round_no in range(1, args.rounds + 1):
-        counts = rate_round(api, raters, args, rng, round_no)
-        run = api.retrain(args.persona, args.timeout)
-        rates = preference_rates(api, raters, args.persona, original, heldout, args.max_tokens, args.workers)
-        served = api.active_version(args.persona, raters[0].headers)
-        accuracy = run.get("reward_accuracy")
-        table.add_row(str(round_no), str(sum(counts.values())), f"{counts['a']} / {counts['b']} / {counts['tie']}",
-                      run["id"], run["status"], f"v{served}", "-" if accuracy is None else f"{accuracy:.0%}",
-                      _rates(rates))
+        rows.append(play_round(api, raters, args, rng, round_no, original, heldout))
+        table = Table(*COLUMNS, last, title=title)
+        for row in rows:
+            table.add_row(*row_cells(row))
         console.print(table)
-    console.print(f"{args.rounds} rounds in {(time.monotonic() - started) / 60:.1f} min")
+        if args.out:  # after every round, so a long simulation that stops keeps what it measured
+            Path(args.out).write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    console.print(f"{args.rounds} rounds in {(time.monotonic() - started) / 60:.1f} min"
+                  + (f"; the table is in {args.out} (JSON, one object a round)" if args.out else ""))
 
 
 def add_arguments(p) -> None:
@@ -233,7 +433,8 @@ def add_arguments(p) -> None:
                    help="MODULE:FUNCTION, (prompt, answer_a, answer_b) -> a|b|tie; repeat it for several raters. "
                         "Each votes as its own voter, with its own API key: the keys of PERSONA_API_KEY "
                         "(comma-separated, one per rater at least) are dealt to the raters in turn, and a rater "
-                        "with several spreads its pairs evenly over them. Every rater judges every pair.")
+                        "with several spreads its pairs evenly over them. Every rater judges every pair. "
+                        "train.raters ships shorter, longer, asks_back, direct, concrete, commits and mixed.")
     p.add_argument("--flip", type=float, default=0.0,
                    help="noise: each verdict of every rater is turned round with this probability (default 0)")
     p.add_argument("--persona", required=True)
@@ -247,5 +448,12 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=8, help="concurrent requests (the engine batches them)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds a retrain may take")
+    p.add_argument("--promotion", choices=("recipe", "gate", "ab"), default="recipe",
+                   help="how the rounds' runs promote a candidate that passes the gate: as the recipe says "
+                        "(default), at once (gate), or as the challenger of an A/B experiment (ab), whose "
+                        "side-by-side votes the raters then play until the gateway decides it")
+    p.add_argument("--ab-max-votes", type=int, default=128,
+                   help="A/B comparisons played at most; an experiment still undecided then is stopped")
+    p.add_argument("--out", help="also write the table to this file, as JSON (a list of rows)")
     p.add_argument("--gateway", default="http://127.0.0.1:7860")
     p.set_defaults(func=main)

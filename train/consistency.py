@@ -1,0 +1,101 @@
+"""Persona consistency: does a version still sound like its persona?
+
+The score of an adapter is the share of the persona's held-out prompts whose
+greedy answer (by that adapter) is more likely, per token, under the persona's
+own SFT adapter than under every other persona's SFT adapter and under the
+bare base model. It is a likelihood-ratio classifier between persona adapters:
+each SFT adapter is already a language model of one persona's dialogues, so no
+separate classifier needs training or data, it works for any number of
+personas (with one persona, the base model is the contrast), and it scores the
+text the version actually says, not its likelihood of the reference dialogues
+(the persona loss does that). A DPO run that drifts toward a voter's taste and
+away from the persona (another persona's tone, or generic base-model text)
+loses score; the gate refuses a candidate whose score falls more than the
+recipe's ``max_consistency_drop`` below the active version's.
+
+    scores = consistency_scores(model, tokenizer, persona, {"candidate": "default", "active": "ref"})
+    # {"candidate": 0.88, "active": 0.92, "sft": 0.96}
+"""
+
+from __future__ import annotations
+
+from train import registry
+
+MAX_PROMPTS = 16
+MAX_TOKENS = 48
+
+
+def heldout_prompts(persona, limit: int = MAX_PROMPTS) -> list[list[dict]]:
+    from train.data import load_files
+
+    files = [(persona.resolve(f.path), f.language) for f in persona.files("heldout", ["en"])]
+    users = [next(m["content"] for m in e.messages if m["role"] == "user") for e in load_files(files, ["en"])]
+    return [[{"role": "system", "content": persona.system_prompt}, {"role": "user", "content": u}]
+            for u in list(dict.fromkeys(users))[:limit]]
+
+
+def load_judges(model, persona) -> list[str]:
+    """Load every persona's SFT adapter into ``model`` as ``judge-<name>``; returns the
+    adapter names, the persona's own first."""
+    from train.personas import list_personas
+
+    names = []
+    for other in sorted(list_personas(), key=lambda p: p.name != persona.name):
+        version = registry.sft_version(other.name)
+        name = f"judge-{other.name}"
+        if version is not None and name not in model.peft_config:
+            model.load_adapter(str(version.path), adapter_name=name, is_trainable=False)
+        if version is not None:
+            names.append(name)
+    return names
+
+
+def greedy_answers(model, tokenizer, prompts: list[list[dict]], adapter: str) -> list[str]:
+    from train.reward import sample_answers
+
+    model.set_adapter(adapter)
+    return [group[0] for group in sample_answers(model, tokenizer, prompts, 1, MAX_TOKENS, 0.0)]
+
+
+def per_token_logps(model, tokenizer, items: list[tuple[list[dict], str]], adapter: str | None) -> list[float]:
+    """Mean log-prob per answer token under ``adapter`` (None: the base model)."""
+    import torch
+
+    from train.reward import _prompt_ids
+
+    out = []
+    model.eval()
+    if adapter is not None:
+        model.set_adapter(adapter)
+    context = model.disable_adapter() if adapter is None else torch.no_grad()
+    with torch.no_grad(), context:
+        for messages, answer in items:
+            prompt = _prompt_ids(tokenizer, messages)
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+            ids = torch.tensor([prompt + answer_ids])
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+            out.append(-torch.nn.functional.cross_entropy(logits, ids[0, len(prompt):]).item())
+    return out
+
+
+def consistency_scores(model, tokenizer, persona, adapters: dict[str, str]) -> dict[str, float]:
+    """The score of each adapter of ``model`` (a PeftModel; ``adapters``: label -> adapter
+    name) on the persona's held-out prompts, and of the persona's SFT version ("sft");
+    {} when the persona has no SFT version or no held-out prompts."""
+    prompts = heldout_prompts(persona)
+    judges = load_judges(model, persona)
+    if not prompts or not judges or judges[0] != f"judge-{persona.name}":
+        return {}
+    scores = {}
+    for label, adapter in {**adapters, "sft": judges[0]}.items():
+        if adapter not in model.peft_config:
+            continue
+        items = list(zip(prompts, greedy_answers(model, tokenizer, prompts, adapter)))
+        own = per_token_logps(model, tokenizer, items, judges[0])
+        others = [per_token_logps(model, tokenizer, items, j) for j in judges[1:]]
+        others.append(per_token_logps(model, tokenizer, items, None))
+        scores[label] = round(sum(o > max(rest) for o, *rest in zip(own, *others)) / len(items), 3)
+    for judge in judges:
+        model.delete_adapter(judge)
+    model.set_adapter("default")
+    return scores

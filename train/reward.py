@@ -1,0 +1,256 @@
+"""A reward model fitted on the human pairs, and the extra on-policy pairs it makes.
+
+A run has a few dozen human pairs. DPO on those alone memorises them: the policy
+learns which of two particular answers won, not why. Following the RLHF Workflow
+recipe (iterative online DPO), a Bradley–Terry reward model is fitted on the
+human pairs, the active adapter samples several answers to many more prompts,
+and the reward model ranks them: the best against the worst of each prompt is
+an extra pair. The human pairs stay in the data and weigh more.
+
+The reward model is a linear Bradley–Terry head on frozen features of the base
+model (no adapter): the mean of the last hidden state over the answer's tokens,
+the last answer token's hidden state, and the log of the answer's length.
+P(chosen beats rejected) = sigmoid(w . (f_chosen - f_rejected)), fitted by
+L2-regularised logistic regression (Newton steps), the L2 strength chosen by
+cross-validation on the training pairs. Why linear on frozen features rather
+than a LoRA reward model (TRL's RewardTrainer): with 30-100 pairs a fine-tuned
+reward model memorises just as the policy does, and fitting it would cost a
+training run of its own; a regularised linear head fits in a second, and its
+cross-validated accuracy says honestly whether the taste is learnable from the
+features. Below ``rm_min_accuracy`` the run adds no extra pairs (a reward model
+that cannot rank would only add noise), and says so.
+
+    rows, report = augment(model, tokenizer, persona, data, recipe)
+    report["heldout_accuracy"], report["cv_accuracy"], report["pairs_added"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+L2_GRID = (0.3, 3.0, 30.0, 300.0)
+FOLDS = 5
+
+
+@dataclass
+class RewardModel:
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: np.ndarray
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        return ((features - self.mean) / self.scale) @ self.weights
+
+
+def fit_bt(chosen: np.ndarray, rejected: np.ndarray, weights: np.ndarray, l2: float, steps: int = 25) -> RewardModel:
+    """Bradley–Terry by weighted logistic regression on feature differences (no intercept:
+    which answer is called "chosen" carries no information)."""
+    both = np.concatenate([chosen, rejected])
+    mean, scale = both.mean(0), both.std(0) + 1e-6
+    diff = (chosen - rejected) / scale
+    w = np.zeros(diff.shape[1])
+    sample = weights / weights.mean()
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-(diff @ w)))
+        grad = diff.T @ (sample * (p - 1)) + l2 * w
+        hess = (diff * (sample * p * (1 - p))[:, None]).T @ diff + l2 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-6:
+            break
+    return RewardModel(mean, scale, w)
+
+
+def accuracy(model: RewardModel, chosen: np.ndarray, rejected: np.ndarray) -> float | None:
+    if not len(chosen):
+        return None
+    margin = model.score(chosen) - model.score(rejected)
+    return float(np.mean(np.where(margin == 0, 0.5, margin > 0)))
+
+
+def cross_validate(chosen: np.ndarray, rejected: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """(best L2, its cross-validated accuracy) over ``L2_GRID``, folds assigned in turn."""
+    folds = np.arange(len(chosen)) % FOLDS
+    best = (L2_GRID[0], -1.0)
+    for l2 in L2_GRID:
+        right = 0.0
+        for k in range(FOLDS):
+            test = folds == k
+            if not test.any() or test.all():
+                continue
+            model = fit_bt(chosen[~test], rejected[~test], weights[~test], l2)
+            right += accuracy(model, chosen[test], rejected[test]) * test.sum()
+        score = right / len(chosen)
+        if score > best[1]:
+            best = (l2, score)
+    return best
+
+
+def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
+
+
+def answer_features(model, tokenizer, items: list[tuple[list[dict], str]], batch_size: int = 16) -> np.ndarray:
+    """Features of (prompt messages, answer) pairs from the base model with adapters off."""
+    import torch
+
+    seqs = []
+    for messages, answer in items:
+        prompt = _prompt_ids(tokenizer, messages)
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:256] or [tokenizer.eos_token_id]
+        seqs.append((prompt + answer_ids, len(prompt)))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = []
+    model.eval()
+    with torch.no_grad(), (model.disable_adapter() if hasattr(model, "disable_adapter") else _null()):
+        for start in range(0, len(seqs), batch_size):
+            batch = seqs[start : start + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (seq, _) in enumerate(batch):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            hidden = base.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.float()
+            for row, (seq, start_at) in enumerate(batch):
+                answer = hidden[row, start_at : len(seq)]
+                out.append(torch.cat([answer.mean(0), answer[-1],
+                                      torch.tensor([math.log1p(len(seq) - start_at)])]).numpy())
+    return np.stack(out)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def sample_answers(model, tokenizer, prompts: list[list[dict]], samples: int, max_tokens: int,
+                   temperature: float, batch_prompts: int = 16, seed: int = 0, label: str = "") -> list[list[str]]:
+    """``samples`` answers of the model's current adapter to each prompt (greedy at
+    temperature 0); ``label``: show a progress bar."""
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+
+    torch.manual_seed(seed)
+    answers: list[list[str]] = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    model.eval()
+    try:
+        with Progress(console=Console(stderr=True), transient=True, disable=not label) as progress:
+            task = progress.add_task(label, total=len(prompts))
+            for start in range(0, len(prompts), batch_prompts):
+                chunk = prompts[start : start + batch_prompts]
+                answers.extend(_generate(model, tokenizer, chunk, samples, max_tokens, temperature))
+                progress.advance(task, len(chunk))
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def _generate(model, tokenizer, prompts, samples: int, max_tokens: int, temperature: float) -> list[list[str]]:
+    import torch
+
+    texts = [tokenizer.apply_chat_template(list(m), add_generation_prompt=True, tokenize=False) for m in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**enc, **sampling, max_new_tokens=max_tokens, num_return_sequences=samples,
+                             pad_token_id=tokenizer.pad_token_id)
+    decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [[d.strip() for d in decoded[i * samples : (i + 1) * samples]] for i in range(len(prompts))]
+
+
+def _context(messages: list[dict]) -> str:
+    return hashlib.md5(repr([(m["role"], m["content"]) for m in messages]).encode()).hexdigest()
+
+
+def generation_prompts(persona, data, limit: int, seed: int) -> list[list[dict]]:
+    """The prompts to sample on: those of the human training pairs first, then the persona's
+    training prompts, never a held-out pair's prompt; at most ``limit``."""
+    from train.data import load_files
+
+    held = {_context(list(r["prompt"])) for r in data.heldout}
+    seen, prompts = set(held), []
+    for row in data.train:
+        messages = [dict(m) for m in row["prompt"]]
+        if (key := _context(messages)) not in seen:
+            seen.add(key)
+            prompts.append(messages)
+    files = [(persona.resolve(f.path), f.language) for f in persona.files("train", ["en"])]
+    extra = []
+    for example in load_files(files, ["en"]) if files else []:
+        user = next((m["content"] for m in example.messages if m["role"] == "user"), None)
+        messages = [{"role": "system", "content": persona.system_prompt}, {"role": "user", "content": user}]
+        if user and (key := _context(messages)) not in seen:
+            seen.add(key)
+            extra.append(messages)
+    random.Random(seed).shuffle(extra)
+    return (prompts + extra)[:limit]
+
+
+def augment(model, tokenizer, persona, data, recipe) -> tuple[list[dict], dict]:
+    """The extra pairs the reward model makes (DPO rows with a ``weight``) and its report."""
+    from train.gate import degenerate
+
+    started = time.time()
+    if recipe.reward_model == "none" or data.kind != "dpo" or len(data.train) < FOLDS:
+        return [], {"used": False, "why": "off" if recipe.reward_model == "none" else "too few pairs"}
+    text = lambda side: side[0]["content"] if isinstance(side, (list, tuple)) else str(side)  # noqa: E731
+    feats = answer_features(model, tokenizer, [(list(r["prompt"]), text(r[s])) for s in ("chosen", "rejected")
+                                               for r in data.train + data.heldout])
+    n, h = len(data.train), len(data.heldout)
+    total = n + h
+    chosen, rejected = feats[:n], feats[total : total + n]
+    held_c, held_r = feats[n:total], feats[total + n :]
+    weights = np.array([max(float(r["weight"]), 1e-6) for r in data.train])
+    l2, cv = cross_validate(chosen, rejected, weights)
+    rm = fit_bt(chosen, rejected, weights, l2)
+    held = accuracy(rm, held_c, held_r)
+    report = {"used": False, "kind": "linear Bradley-Terry on base features", "train_pairs": n, "heldout_pairs": h,
+              "l2": l2, "cv_accuracy": round(cv, 3), "heldout_accuracy": None if held is None else round(held, 3)}
+    pooled = (cv * n + (held or 0) * h) / total
+    if pooled < recipe.rm_min_accuracy:
+        report["why"] = f"its accuracy {pooled:.2f} (cross-validated and held-out) is below {recipe.rm_min_accuracy}"
+        return [], {**report, "seconds": round(time.time() - started, 1)}
+    prompts = generation_prompts(persona, data, recipe.rm_prompts, recipe.seed)
+    answers = sample_answers(model, tokenizer, prompts, recipe.rm_samples, recipe.rm_max_tokens,
+                             recipe.rm_temperature, seed=recipe.seed,
+                             label=f"sampling {recipe.rm_samples} answers to {len(prompts)} prompts for the reward model")
+    rows = _best_against_worst(model, tokenizer, rm, prompts, answers, degenerate)
+    mean_weight = float(weights.mean())
+    for row in rows:
+        row["weight"] = recipe.rm_pair_weight * mean_weight
+    report.update(used=True, prompts=len(prompts), samples=recipe.rm_samples, pairs_added=len(rows),
+                  seconds=round(time.time() - started, 1))
+    return rows, report
+
+
+def _best_against_worst(model, tokenizer, rm: RewardModel, prompts, answers, degenerate) -> list[dict]:
+    items = [(p, a) for p, group in zip(prompts, answers) for a in dict.fromkeys(group) if a and not degenerate(a)]
+    if not items:
+        return []
+    scores = rm.score(answer_features(model, tokenizer, items))
+    by_prompt: dict[str, list[tuple[float, list[dict], str]]] = {}
+    for (prompt, answer), score in zip(items, scores):
+        by_prompt.setdefault(_context(prompt), []).append((float(score), prompt, answer))
+    rows = []
+    for group in by_prompt.values():
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda g: g[0])
+        (low, prompt, worst), (high, _, best) = group[0], group[-1]
+        if high - low > 0.5:  # the reward model is fairly sure (P >= 0.62)
+            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": best}],
+                         "rejected": [{"role": "assistant", "content": worst}]})
+    return rows
