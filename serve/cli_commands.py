@@ -185,8 +185,10 @@ def experiments_list(args) -> None:
     if not rows:
         console.print("no experiments yet" + (f" for {args.persona}" if args.persona else ""))
         return
-    table = Table(*EXPERIMENT_COLUMNS, title="A/B experiments (challenger vs active; win rate with its always-valid "
-                                             "interval; the decision rests on side-by-side verdicts)")
+    table = Table(title="A/B experiments (challenger vs active; win rate with its always-valid interval; the "
+                        "decision rests on side-by-side verdicts)")
+    for column in EXPERIMENT_COLUMNS:  # the id whole, however narrow the terminal: `experiments stop` takes it
+        table.add_column(column, no_wrap=column == "id", min_width=16 if column == "id" else None)
     for row in rows:
         summary = experiments.summary(row)
         table.add_row(*(summary[c] for c in EXPERIMENT_COLUMNS))

@@ -38,12 +38,14 @@ def test_replay_keeps_new_pairs_and_heldout_and_bounds_the_rest():
             + [{"versions": [1, 2], "split": "train", "n": 100 + i} for i in range(200)]
             + [{"versions": [1, 1], "split": "heldout", "n": 500 + i} for i in range(30)])
     kept, figures = bound_replay(rows, active_version=3, limit=48, seed=0)
-    assert figures == {"new": 10, "replayed": 48, "earlier": 200}
+    assert figures == {"new": 10, "new_kept": 10, "replayed": 48, "earlier": 200}
     assert sum(r["split"] == "heldout" for r in kept) == 30
     assert {r["n"] for r in kept if 3 in r["versions"]} == set(range(10))
     again, _ = bound_replay(rows, active_version=3, limit=48, seed=0)
     assert [r["n"] for r in again] == [r["n"] for r in kept]               # seeded: the same replay
     assert bound_replay(rows, 3, 1000, 0)[1]["replayed"] == 200            # fewer earlier pairs than the bound
+    kept, figures = bound_replay(rows, active_version=1, limit=48, seed=0, max_new=96)   # v1 stayed active
+    assert figures == {"new": 200, "new_kept": 96, "replayed": 10, "earlier": 10} and len(kept) == 96 + 10 + 30
 
 
 def simulated_pairs(n, dim, rng, noise=0.0):

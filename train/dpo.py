@@ -180,8 +180,9 @@ def make_trainer(model, tokenizer, train_rows: list[dict], config, kind: str, le
         cls = _lean_dpo_class() if lean else _weighted_dpo_class()
     else:
         cls = _weighted_kto_class()
-    if rpo_alpha and not (kind == "dpo" and lean):
+    if rpo_alpha and kind == "dpo" and not lean:
         raise ConfigError("rpo_alpha needs the lean DPO loss (loss_type sigmoid, precompute_ref true)")
+    rpo_alpha = rpo_alpha if kind == "dpo" else 0.0  # an anchor of the DPO loss; KTO has none
     model.config.use_cache = False
     trainer = cls(model=model, args=config, train_dataset=Dataset.from_list(normalised_weights(train_rows)),
                   processing_class=tokenizer)
@@ -514,21 +515,13 @@ def safety_losses(model, tokenizer, persona: Persona) -> dict:
 
 def sanity_answers(model, tokenizer, persona: Persona, max_tokens: int, adapter: str = "default") -> list[str]:
     """Greedy answers to the fixed prompt set, of the candidate ("default") or of the
-    active adapter it started from ("ref")."""
-    import torch
-
+    active adapter it started from ("ref"), in one batch."""
     if adapter not in model.peft_config:
         return []
-    answers = []
-    model.eval()
+    prompts = [[{"role": "system", "content": persona.system_prompt}, {"role": "user", "content": prompt}]
+               for prompt in SANITY_PROMPTS]
     model.set_adapter(adapter)
-    for prompt in SANITY_PROMPTS:
-        messages = [{"role": "system", "content": persona.system_prompt}, {"role": "user", "content": prompt}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    model.set_adapter("default")
-    return answers
+    try:
+        return [group[0] for group in reward.sample_answers(model, tokenizer, prompts, 1, max_tokens, 0.0)]
+    finally:
+        model.set_adapter("default")

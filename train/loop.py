@@ -192,7 +192,8 @@ def export_preferences(db, persona: str, recipe, run_dir: Path, active_version: 
     table = f"pref_{kind}"
     rows, figures = voters.apply_run_rules(export.read_rows(db, table), recipe.share_cap, recipe.heldout_percent,
                                            recipe.min_voters)
-    rows, figures["replay"] = bound_replay(rows, active_version, recipe.replay_pairs, recipe.seed)
+    rows, figures["replay"] = bound_replay(rows, active_version, recipe.replay_pairs, recipe.seed,
+                                            recipe.max_new_pairs)
     export.write_back(db, table, rows)
     figures["outliers"] = pairs.built_outliers(db, persona)
     data = run_dir / f"{kind}.parquet"
@@ -201,7 +202,8 @@ def export_preferences(db, persona: str, recipe, run_dir: Path, active_version: 
     console.print(f"{persona}: {counts['dpo']} DPO pairs, {counts['kto']} KTO examples -> {kind} run {run_dir.name} "
                   f"({train} {kind} examples to train on; {figures['voters']} voters, held out by "
                   f"{figures['split']}, largest voter share {figures['largest_share_after']:.0%}; "
-                  f"{figures['replay']['new']} new pairs, {figures['replay']['replayed']} of "
+                  f"{figures['replay']['new_kept']} of {figures['replay']['new']} new pairs, "
+                  f"{figures['replay']['replayed']} of "
                   f"{figures['replay']['earlier']} earlier ones replayed)")
     return data, kind, train, figures
 
