@@ -91,9 +91,9 @@ def test_a_challenger_is_refused_on_preference_only_when_the_heldout_pairs_show_
 
 
 def test_the_wilson_bound_covers_the_true_rate_about_95_percent_of_the_time():
-    from train.gate import wilson_high
+    from feedback.stats import wilson
 
     rng = np.random.default_rng(0)
     n, p = 12, 0.5
-    rates = rng.binomial(n, p, size=4000) / n
-    assert np.mean([wilson_high(r, n) < p for r in rates]) <= 0.05   # "shown worse" when equal: rare
+    wins = rng.binomial(n, p, size=4000)
+    assert np.mean([wilson(w, n)[1] < p for w in wins]) <= 0.05   # "shown worse" when equal: rare

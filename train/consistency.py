@@ -19,6 +19,8 @@ recipe's ``max_consistency_drop`` below the active version's.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from train import registry
 
 MAX_PROMPTS = 16
@@ -61,16 +63,15 @@ def per_token_logps(model, tokenizer, items: list[tuple[list[dict], str]], adapt
     """Mean log-prob per answer token under ``adapter`` (None: the base model)."""
     import torch
 
-    from train.reward import _prompt_ids
+    from train.reward import prompt_ids
 
     out = []
     model.eval()
     if adapter is not None:
         model.set_adapter(adapter)
-    context = model.disable_adapter() if adapter is None else torch.no_grad()
-    with torch.no_grad(), context:
+    with torch.no_grad(), model.disable_adapter() if adapter is None else nullcontext():
         for messages, answer in items:
-            prompt = _prompt_ids(tokenizer, messages)
+            prompt = prompt_ids(tokenizer, messages)
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
             ids = torch.tensor([prompt + answer_ids])
             logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()

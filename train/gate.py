@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from feedback.stats import wilson
 from train.recipes import DPORecipe
 
 
@@ -55,7 +56,7 @@ def check(metrics: dict, recipe: DPORecipe, challenger: bool = False) -> list[st
         reasons.append("no held-out pairs to judge it on")
     elif challenger:
         n = int(metrics.get("heldout_examples") or 0)
-        high = wilson_high(accuracy, n)
+        high = wilson(accuracy * n, n)[1]
         if high < 0.5:
             reasons.append(f"held-out reward accuracy {accuracy:.2f} on {n} pairs: worse than the active version "
                            f"(95% interval up to {high:.2f})")
@@ -84,15 +85,6 @@ def check(metrics: dict, recipe: DPORecipe, challenger: bool = False) -> list[st
         reasons.append(f"{len(bad)} of {len(metrics['sanity_answers'])} answers to the fixed prompts are empty "
                        f"or degenerate (e.g. {bad[0][:60]!r}), against {before} of the active adapter's")
     return reasons
-
-
-def wilson_high(rate: float, n: int, z: float = 1.96) -> float:
-    """The upper end of the Wilson score interval of a rate seen on ``n`` trials."""
-    if n <= 0:
-        return 1.0
-    centre = rate + z * z / (2 * n)
-    spread = z * ((rate * (1 - rate) + z * z / (4 * n)) / n) ** 0.5
-    return min(1.0, (centre + spread) / (1 + z * z / n))
 
 
 def _drop(metrics: dict, prefix: str) -> tuple[float, float, float] | None:

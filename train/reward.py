@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import nullcontext
 import random
 import time
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ def cross_validate(chosen: np.ndarray, rejected: np.ndarray, weights: np.ndarray
     return best
 
 
-def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
                                          return_dict=True)["input_ids"]
 
@@ -103,13 +104,13 @@ def answer_features(model, tokenizer, items: list[tuple[list[dict], str]], batch
 
     seqs = []
     for messages, answer in items:
-        prompt = _prompt_ids(tokenizer, messages)
+        prompt = prompt_ids(tokenizer, messages)
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:256] or [tokenizer.eos_token_id]
         seqs.append((prompt + answer_ids, len(prompt)))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = []
     model.eval()
-    with torch.no_grad(), (model.disable_adapter() if hasattr(model, "disable_adapter") else _null()):
+    with torch.no_grad(), (model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()):
         for start in range(0, len(seqs), batch_size):
             batch = seqs[start : start + batch_size]
             width = max(len(ids) for ids, _ in batch)
@@ -124,14 +125,6 @@ def answer_features(model, tokenizer, items: list[tuple[list[dict], str]], batch
                 out.append(torch.cat([answer.mean(0), answer[-1],
                                       torch.tensor([math.log1p(len(seq) - start_at)])]).numpy())
     return np.stack(out)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def sample_answers(model, tokenizer, prompts: list[list[dict]], samples: int, max_tokens: int,
