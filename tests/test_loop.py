@@ -51,7 +51,10 @@ def test_simulated_votes_retrain_gate_promote_rollback(tiny_home, tmp_path):
     # The tiny random model needs bigger steps than the real one to learn a taste in one round,
     # and no RPO anchor: its NLL per token (about 11 nats, a random model) would swamp the DPO term.
     fast = tmp_path / "fast.yaml"
-    fast.write_text("learning_rate: 2.0e-3\nepochs: 3\nheldout_percent: 30\nrpo_alpha: 0\nab_min_votes: 10\n")
+    # ab_share 0: the API share is sticky per client at random, so this client could be sent to the
+    # challenger (tests/test_experiments.py covers the share); here it must see the active version.
+    fast.write_text("learning_rate: 2.0e-3\nepochs: 3\nheldout_percent: 30\nrpo_alpha: 0\nab_min_votes: 10\n"
+                    "ab_share: 0\n")
     port = free_port()
     with persona_process(["up", "--port", str(port), "--no-scheduler", "--retrain-recipe", str(fast)], port,
                          tmp_path / "up.log", env=tiny_home) as url:
