@@ -323,3 +323,78 @@ def test_a_lighter_example_moves_the_adapter_less(tiny_persona, tiny_model_dir, 
     the target too, so each run is measured against the run where the target weighs 0."""
     alone, light, full = (target_reward(tiny_model_dir, tmp_path / str(w), kind, w, **recipe) for w in (0, 0.1, 1))
     assert full - alone > 3 * (light - alone) and full > light, (alone, light, full)
+
+
+def away_from_the_persona(path, n: int = 16):
+    """Pairs whose chosen answer is not the persona's (its dialogues all answer SHORT)."""
+    rows = [{"prompt": [{"role": "system", "content": "Be short."}, {"role": "user", "content": f"q{i}"}],
+             "chosen": [{"role": "assistant", "content": "Maybe later, who knows, it is hard to say."}],
+             "rejected": [{"role": "assistant", "content": SHORT}], "split": "train"} for i in range(n)]
+    return write_parquet(path, rows)
+
+
+def test_the_persona_anchor_holds_the_persona_loss(tiny_persona, tiny_model_dir, tmp_path):
+    """Votes that pull away from the persona's own answers raise its held-out loss; the SFT
+    term on its training dialogues (persona_anchor) holds it (here, where the held-out and the
+    training answers are alike, it even lowers it), and the run logs the anchor's NLL."""
+    from train import dpo
+
+    data = away_from_the_persona(tmp_path / "away.parquet")
+    rise = {}
+    for anchor in (0.0, 2.0):
+        recipe = DPORecipe(epochs=3, learning_rate=5e-3, batch_size=4, logging_steps=1, sanity_max_tokens=4,
+                           reward_model="none", persona_anchor=anchor, rpo_alpha=0.0, min_pairs=1)
+        _, metrics = dpo.run(tiny_persona, data, recipe, str(tiny_model_dir))
+        rise[anchor] = metrics["sft_nll_candidate"] - metrics["sft_nll_active"]
+        logged = [h["anchor/nll"] for h in json.loads((_.path / "metrics.json").read_text())["log_history"]
+                  if "anchor/nll" in h]
+        assert bool(logged) == (anchor > 0)
+    assert rise[0.0] > 0.02, rise                   # the pull away is real
+    assert rise[2.0] < rise[0.0] - 0.1, rise        # and the anchor more than holds it
+
+
+def test_labelled_nll_is_the_models_own_loss(tiny_model_dir):
+    """The NLL with the LM head at labelled positions only equals the model's loss over full logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from train import base_model
+    from train.chat_tokens import IGNORE, tokenize_chat
+    from train.evaluate import labelled_nll
+
+    tokenizer = base_model.load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    batch = [tokenize_chat(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+             for q, a in (("hi", SHORT), ("a longer question here?", LONG))]
+    total, count = labelled_nll(model, batch, tokenizer.pad_token_id)
+    expected, tokens = 0.0, 0
+    for t in batch:
+        labels = torch.tensor([t.labels])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([t.input_ids])).logits[0, :-1]
+        keep = labels[0, 1:] != IGNORE
+        expected += torch.nn.functional.cross_entropy(logits[keep], labels[0, 1:][keep], reduction="sum").item()
+        tokens += int(keep.sum())
+    assert count == tokens and total.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_run_measures_only_its_candidate_what_the_active_versions_run_measured_is_reused(
+        tiny_persona, tiny_model_dir, tmp_path):
+    """From a DPO-made active version, the active and SFT versions' persona loss, refusal loss and
+    consistency come from its own record (the same adapters on the same data); edited held-out
+    dialogues are measured again."""
+    from train import dpo, registry
+
+    recipe = DPORecipe(epochs=1, learning_rate=5e-3, batch_size=4, sanity_max_tokens=4, reward_model="none")
+    data = pairs_file(tmp_path / "pairs.parquet")
+    first, m1 = dpo.run(tiny_persona, data, recipe, str(tiny_model_dir))
+    registry.set_active("tiny", first.version)
+    _, m2 = dpo.run(tiny_persona, data, recipe, str(tiny_model_dir))
+    assert m2["sft_nll_active"] == m1["sft_nll_candidate"] and m2["sft_nll_sft"] == m1["sft_nll_sft"]
+    assert m2["safety_nll_active"] == m1["safety_nll_candidate"]
+    assert m2["consistency_active"] == m1["consistency_candidate"]
+    assert m2["consistency_sft"] == m1["consistency_sft"]
+    heldout = tiny_persona.resolve("data/heldout.jsonl")
+    heldout.write_text(heldout.read_text().replace("Do it now.", "Do it now, please."))
+    _, m3 = dpo.run(tiny_persona, data, recipe, str(tiny_model_dir))
+    assert m3["sft_nll_active"] != m1["sft_nll_candidate"] and m3["sft_nll_data"] != m1["sft_nll_data"]

@@ -97,3 +97,20 @@ def test_the_wilson_bound_covers_the_true_rate_about_95_percent_of_the_time():
     n, p = 12, 0.5
     wins = rng.binomial(n, p, size=4000)
     assert np.mean([wilson(w, n)[1] < p for w in wins]) <= 0.05   # "shown worse" when equal: rare
+
+
+def test_consistency_scores_known_from_the_active_version_are_not_computed_again(monkeypatch):
+    """The active version's own score and the SFT version's come from its metrics when the same
+    judges computed them; an SFT active version is scored once for both; new judges: all again."""
+    from train import consistency
+    from train.registry import AdapterVersion
+
+    monkeypatch.setattr(consistency, "judge_versions", lambda persona: {"teto": 1, "egen": 1})
+    sft = AdapterVersion("teto", 1, None, {"kind": "sft"})
+    assert consistency.known_scores(sft, None) == {"sft": "active"}
+    metrics = {"consistency_candidate": 0.9, "consistency_sft": 0.94, "consistency_judges": {"teto": 1, "egen": 1}}
+    dpo_version = AdapterVersion("teto", 3, None, {"kind": "dpo", "metrics": metrics})
+    assert consistency.known_scores(dpo_version, None) == {"active": 0.9, "sft": 0.94}
+    rejudged = {**metrics, "consistency_judges": {"teto": 1, "egen": 2}}   # egen got a new SFT version
+    assert consistency.known_scores(AdapterVersion("teto", 3, None, {"kind": "dpo", "metrics": rejudged}), None) == {}
+    assert consistency.known_scores(None, None) == {}

@@ -79,16 +79,43 @@ def per_token_logps(model, tokenizer, items: list[tuple[list[dict], str]], adapt
     return out
 
 
-def consistency_scores(model, tokenizer, persona, adapters: dict[str, str]) -> dict[str, float]:
+def judge_versions(persona) -> dict[str, int]:
+    """The SFT version of every persona (the judges a score was computed with)."""
+    from train.personas import list_personas
+
+    return {p.name: v.version for p in list_personas() if (v := registry.sft_version(p.name)) is not None}
+
+
+def known_scores(active, persona) -> dict[str, float]:
+    """Scores the run need not compute again: the active version's own score and the SFT
+    version's, from the active version's metrics when they were computed with the same
+    judges (the same greedy answers score the same), or both from one computation when the
+    active version is the SFT version; label -> score, or label -> another label."""
+    if active is None:
+        return {}
+    if active.meta.get("kind") == "sft":
+        return {"sft": "active"}
+    metrics = active.meta.get("metrics", {})
+    if metrics.get("consistency_judges") != judge_versions(persona):
+        return {}
+    known = {"active": metrics.get("consistency_candidate"), "sft": metrics.get("consistency_sft")}
+    return {label: score for label, score in known.items() if score is not None}
+
+
+def consistency_scores(model, tokenizer, persona, adapters: dict[str, str],
+                       known: dict[str, float | str] | None = None) -> dict[str, float]:
     """The score of each adapter of ``model`` (a PeftModel; ``adapters``: label -> adapter
     name) on the persona's held-out prompts, and of the persona's SFT version ("sft");
-    {} when the persona has no SFT version or no held-out prompts."""
+    ``known``: label -> a score already known, or the label whose score it equals (not
+    computed again); {} when the persona has no SFT version or no held-out prompts."""
+    known = known or {}
     prompts = heldout_prompts(persona)
-    judges = load_judges(model, persona)
+    todo = {label: a for label, a in {**adapters, "sft": f"judge-{persona.name}"}.items() if label not in known}
+    judges = load_judges(model, persona) if todo else [f"judge-{persona.name}"]
     if not prompts or not judges or judges[0] != f"judge-{persona.name}":
         return {}
     scores = {}
-    for label, adapter in {**adapters, "sft": judges[0]}.items():
+    for label, adapter in todo.items():
         if adapter not in model.peft_config:
             continue
         items = list(zip(prompts, greedy_answers(model, tokenizer, prompts, adapter)))
@@ -96,7 +123,12 @@ def consistency_scores(model, tokenizer, persona, adapters: dict[str, str]) -> d
         others = [per_token_logps(model, tokenizer, items, j) for j in judges[1:]]
         others.append(per_token_logps(model, tokenizer, items, None))
         scores[label] = round(sum(o > max(rest) for o, *rest in zip(own, *others)) / len(items), 3)
+    for label, value in known.items():
+        score = scores.get(value) if isinstance(value, str) else value
+        if score is not None:
+            scores[label] = score
     for judge in judges:
-        model.delete_adapter(judge)
+        if judge in model.peft_config:
+            model.delete_adapter(judge)
     model.set_adapter("default")
     return scores

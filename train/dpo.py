@@ -32,6 +32,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -40,7 +41,7 @@ from rich.console import Console
 
 from train import base_model, registry, reward
 from train.config import ConfigError
-from train.evaluate import adapters_nll
+from train.evaluate import adapters_nll, split_hash
 from train.personas import Persona, load_persona
 from train.recipes import DPORecipe, load_recipe
 from train.trainer_common import (add_common_arguments, apply_arguments, load_base, matmul_precision,
@@ -350,6 +351,11 @@ def _lean_dpo_class():
             weight = inputs.get("weight")   # normalised to mean 1 over the data set (normalised_weights)
             loss = (losses * weight.to(losses)).mean() if weight is not None else losses.mean()
             metrics = self._metrics[mode]
+            anchor = getattr(self, "anchor", None)
+            if anchor is not None and mode == "train":  # the persona's own dialogues keep it itself
+                nll = anchor.nll(model)
+                loss = loss + anchor.weight * nll
+                metrics["anchor/nll"].append(nll.item())
             metrics["rewards/chosen"].append(chosen_rewards.mean().item())
             metrics["rewards/rejected"].append(rejected_rewards.mean().item())
             metrics["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
@@ -359,6 +365,50 @@ def _lean_dpo_class():
             return (loss, {}) if return_outputs else loss
 
     return LeanDPOTrainer
+
+
+class PersonaAnchor:
+    """An SFT term on the persona's own training dialogues: each training step adds
+    ``weight`` x the mean NLL per answer token of the next ``batch_size`` of them (in the
+    languages its SFT recipe trains), so the persona loss cannot drift however many
+    rounds of votes pull the adapter towards a taste; the gate's bound against the SFT
+    version then holds by construction rather than by refusal."""
+
+    def __init__(self, tokenized: list, weight: float, batch_size: int, pad_id: int, seed: int = 0):
+        import random
+
+        self.tokenized, self.weight, self.batch_size, self.pad_id = tokenized, weight, batch_size, pad_id
+        self.order = list(range(len(tokenized)))
+        random.Random(seed).shuffle(self.order)
+        self.at = 0
+
+    @classmethod
+    def for_persona(cls, persona: Persona, tokenizer, recipe: DPORecipe) -> PersonaAnchor | None:
+        from train.data import load_files
+        from train.evaluate import tokenize_examples
+        from train.recipes import SFTRecipe
+
+        if recipe.persona_anchor <= 0:
+            return None
+        languages = load_recipe(persona.recipe, SFTRecipe).languages
+        files = [(persona.resolve(f.path), f.language) for f in persona.files("train", languages)]
+        examples = load_files(files, languages) if files else []
+        tokenized = [t for t in tokenize_examples(tokenizer, examples, persona.system_prompt)
+                     if t.n_answer_tokens and len(t.input_ids) <= recipe.max_length]
+        if not tokenized:
+            return None
+        return cls(tokenized, recipe.persona_anchor, recipe.anchor_batch_size, tokenizer.pad_token_id, recipe.seed)
+
+    def nll(self, model):
+        """Mean NLL per answer token of the next batch of dialogues, with its graph."""
+        from train.evaluate import labelled_nll
+
+        batch = []
+        for _ in range(min(self.batch_size, len(self.order))):
+            batch.append(self.tokenized[self.order[self.at % len(self.order)]])
+            self.at += 1
+        total, count = labelled_nll(model, batch, self.pad_id)
+        return total / max(count, 1)
 
 
 def load_policy(base: str, adapter: Path, recipe: DPORecipe, cuda: bool):
@@ -387,23 +437,29 @@ def train(persona: Persona, data: PreferenceData, recipe: DPORecipe,
         raise ConfigError(f"{persona.name} has no active adapter to retrain (run: persona train sft --persona "
                           f"{persona.name})")
     cuda = torch.cuda.is_available()
-    tokenizer = base_model.load_tokenizer(base)
-    model, qlora = load_policy(base, active.path, recipe, cuda)
+    phases = Phases()
+    with phases("load"):
+        tokenizer = base_model.load_tokenizer(base)
+        model, qlora = load_policy(base, active.path, recipe, cuda)
     console.print(f"[bold]{data.kind.upper()}[/] persona={persona.name} from {active.name}: {len(data.train)} "
                   f"train, {len(data.heldout)} held-out examples; beta={recipe.beta} lr={recipe.learning_rate}")
-    extra, rm_report = reward.augment(model, tokenizer, persona, data, recipe)
+    with phases("reward_model"):
+        extra, rm_report = reward.augment(model, tokenizer, persona, data, recipe)
     if extra:
         console.print(f"reward model (held-out accuracy {rm_report['heldout_accuracy']}, cross-validated "
                       f"{rm_report['cv_accuracy']}): {len(extra)} extra pairs from {rm_report['prompts']} prompts")
     with staged(persona.name) as staging:
         config = trainer_config(recipe, data.kind, cuda, staging / "trainer")
         trainer = make_trainer(model, tokenizer, data.train + extra, config, data.kind, rpo_alpha=recipe.rpo_alpha)
-        with matmul_precision(recipe.float32_matmul_precision):
+        if data.kind == "dpo":  # read by the lean DPO loss (the default), as rpo_alpha is
+            trainer.anchor = PersonaAnchor.for_persona(persona, tokenizer, recipe)
+        with matmul_precision(recipe.float32_matmul_precision), phases("train"):
             trainer.train()
         metrics = {"kind": data.kind, "train_examples": len(data.train), "heldout_examples": len(data.heldout),
                    "reward_model": rm_report, "extra_pairs": len(extra),
                    "train_seconds": round(time.time() - started, 1), **_train_metrics(trainer.state.log_history),
-                   **measure(trainer, model, tokenizer, persona, data, recipe)}
+                   **measure(trainer, model, tokenizer, persona, data, recipe, phases, active),
+                   "phase_seconds": phases.seconds}
         shutil.rmtree(staging / "trainer", ignore_errors=True)
         model.save_pretrained(str(staging), selected_adapters=["default"])
         write_json(staging / "metrics.json", {**metrics, "log_history": trainer.state.log_history})
@@ -414,10 +470,49 @@ def train(persona: Persona, data: PreferenceData, recipe: DPORecipe,
     return version, metrics
 
 
-def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, recipe: DPORecipe) -> dict:
+class Phases:
+    """Seconds spent in each named phase of a run: ``with phases("train"): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - started, 1)
+
+
+def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, recipe: DPORecipe,
+            phases: Phases | None = None, active: registry.AdapterVersion | None = None) -> dict:
     """What the gate reads: held-out rewards, the losses of the persona's held-out dialogues
     and refusals, and the sanity answers of the candidate ("default") and of the active
     adapter it started from ("ref")."""
+    phases = phases or Phases()
+    metrics = {}
+    with phases("heldout_pairs"):
+        metrics.update(heldout_rewards(trainer, model, tokenizer, data, recipe))
+    with phases("persona_loss"):
+        metrics.update(sft_losses(model, tokenizer, persona, active))
+        metrics.update(safety_losses(model, tokenizer, persona, active))
+    from train.consistency import consistency_scores, judge_versions, known_scores
+
+    with phases("consistency"):
+        scores = consistency_scores(model, tokenizer, persona, {"candidate": "default", "active": "ref"},
+                                    known_scores(active, persona))
+    metrics.update({f"consistency_{label}": score for label, score in scores.items()})
+    if scores:
+        metrics["consistency_judges"] = judge_versions(persona)
+    with phases("sanity"):
+        metrics["sanity_answers"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens)
+        metrics["sanity_answers_active"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens, "ref")
+    return metrics
+
+
+def heldout_rewards(trainer, model, tokenizer, data: PreferenceData, recipe: DPORecipe) -> dict:
+    """Held-out reward accuracy and margin of the candidate against the active adapter."""
     metrics = {}
     if data.heldout and data.kind == "dpo":
         from datasets import Dataset
@@ -429,14 +524,6 @@ def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, r
         metrics["heldout_loss"] = evaluated.get("eval_loss")
     elif data.heldout:
         metrics.update(kto_heldout(model, tokenizer, data.heldout, recipe.beta))
-    metrics.update(sft_losses(model, tokenizer, persona))
-    metrics.update(safety_losses(model, tokenizer, persona))
-    from train.consistency import consistency_scores
-
-    scores = consistency_scores(model, tokenizer, persona, {"candidate": "default", "active": "ref"})
-    metrics.update({f"consistency_{label}": score for label, score in scores.items()})
-    metrics["sanity_answers"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens)
-    metrics["sanity_answers_active"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens, "ref")
     return metrics
 
 
@@ -483,13 +570,23 @@ def kto_heldout(model, tokenizer, rows: list[dict], beta: float) -> dict:
             "rewards_undesirable": mean(bad)}
 
 
-def sft_losses(model, tokenizer, persona: Persona) -> dict:
-    """Held-out persona SFT loss (mean NLL per answer token) of the candidate ("default")
-    and of the active adapter it started from (the frozen "ref" copy)."""
-    nll = adapters_nll(model, tokenizer, persona, "heldout", ["en"])
+def sft_losses(model, tokenizer, persona: Persona, active: registry.AdapterVersion | None = None) -> dict:
+    """Held-out persona SFT loss (mean NLL per answer token) of the candidate ("default"),
+    of the active adapter it started from (the frozen "ref" copy) and of the persona's SFT
+    version; what the active version's own run measured on the same dialogues is reused."""
+    data = split_hash(persona, "heldout", ["en"])
+    nll = adapters_nll(model, tokenizer, persona, "heldout", ["en"], active=recorded(active, "sft_nll_candidate", data))
     out = {f"sft_nll_{adapter}": value for adapter, value in nll.items()}
     sft = registry.sft_version(persona.name)
-    if nll and sft is not None:  # the bound that cannot drift: against the persona's SFT version
+    if not nll or sft is None:
+        return out
+    out["sft_nll_data"], out["sft_version"] = data, sft.version
+    earlier = (active.meta.get("metrics") or {}) if active is not None else {}
+    if active is not None and active.version == sft.version and "active" in nll:
+        out["sft_nll_sft"] = nll["active"]
+    elif earlier.get("sft_version") == sft.version and recorded(active, "sft_nll_sft", data) is not None:
+        out["sft_nll_sft"] = recorded(active, "sft_nll_sft", data)
+    else:  # the bound that cannot drift: against the persona's SFT version
         model.load_adapter(str(sft.path), adapter_name="sft-version", is_trainable=False)
         try:
             out["sft_nll_sft"] = adapters_nll(model, tokenizer, persona, "heldout", ["en"],
@@ -497,20 +594,34 @@ def sft_losses(model, tokenizer, persona: Persona) -> dict:
         finally:
             model.set_adapter("default")
             model.delete_adapter("sft-version")
-        out["sft_version"] = sft.version
     return out
 
 
-def safety_losses(model, tokenizer, persona: Persona) -> dict:
+def safety_losses(model, tokenizer, persona: Persona, active: registry.AdapterVersion | None = None) -> dict:
     """The same for the persona's held-out refusals (its ``safety`` files) in English and the
     other languages its SFT recipe trains (those its adapter answers in); {} without any."""
     from train.recipes import SFTRecipe
 
     languages = ["en", *(lang for lang in load_recipe(persona.recipe, SFTRecipe).languages if lang != "en")]
-    nll = adapters_nll(model, tokenizer, persona, "safety", languages)
+    data = split_hash(persona, "safety", languages)
+    nll = adapters_nll(model, tokenizer, persona, "safety", languages,
+                       active=recorded(active, "safety_nll_candidate", data, "safety_nll_data"))
     if not nll:
         return {}
-    return {**{f"safety_nll_{adapter}": value for adapter, value in nll.items()}, "safety_languages": languages}
+    return {**{f"safety_nll_{adapter}": value for adapter, value in nll.items()}, "safety_languages": languages,
+            "safety_nll_data": data}
+
+
+def recorded(active: registry.AdapterVersion | None, key: str, data: str | None,
+             data_key: str = "sft_nll_data") -> float | None:
+    """A loss of the active version measured by the run that made it (its candidate's), when
+    that run measured it on the same files; None for an SFT version or other data (then it is
+    measured again). The same adapter on the same dialogues gives the same loss, so a run
+    measures only its candidate."""
+    metrics = (active.meta.get("metrics") or {}) if active is not None else {}
+    if data is None or metrics.get(data_key) != data or not isinstance(metrics.get(key), (int, float)):
+        return None
+    return float(metrics[key])
 
 
 def sanity_answers(model, tokenizer, persona: Persona, max_tokens: int, adapter: str = "default") -> list[str]:

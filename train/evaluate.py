@@ -20,6 +20,13 @@ def tokenize_examples(tokenizer, examples, system_prompt: str | None) -> list[To
 
 def answer_nll(model, batch: list[Tokenized], pad_id: int) -> tuple[float, int]:
     """Summed NLL of the labelled tokens in ``batch`` and their count."""
+    total, count = labelled_nll(model, batch, pad_id)
+    return total.item(), count
+
+
+def labelled_nll(model, batch: list[Tokenized], pad_id: int):
+    """(summed NLL of the labelled tokens in ``batch`` as a tensor, with its graph; their
+    count), with the LM head applied only where a label follows."""
     import torch
 
     width = max(len(t.input_ids) for t in batch)
@@ -32,11 +39,13 @@ def answer_nll(model, batch: list[Tokenized], pad_id: int) -> tuple[float, int]:
         labels[row, :n] = torch.tensor(t.labels)
         mask[row, :n] = 1
     device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
-    shift_labels = labels[:, 1:].reshape(-1).to(device)
-    loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
-    return loss.item(), int((shift_labels != IGNORE).sum())
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+    targets = labels[:, 1:].to(device)
+    keep = targets != IGNORE
+    logits = base.lm_head(hidden[:, :-1][keep]).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    return loss, int(keep.sum())
 
 
 def mean_nll(model, tokenized: list[Tokenized], pad_id: int, batch_size: int = 8) -> dict:
@@ -58,11 +67,26 @@ def mean_nll(model, tokenized: list[Tokenized], pad_id: int, batch_size: int = 8
     return {"mean_nll": total / max(count, 1), "answer_tokens": count, "examples": len(tokenized)}
 
 
-def adapters_nll(model, tokenizer, persona, split: str, languages: list[str], adapter: str = "default") -> dict:
+def split_files(persona, split: str, languages: list[str]) -> list[tuple]:
+    """(path, language) of the persona's ``split`` files in ``languages``."""
+    return [(persona.resolve(f.path), f.language) for f in persona.files(split, languages)]
+
+
+def split_hash(persona, split: str, languages: list[str]) -> str | None:
+    """A fingerprint of those files (a loss measured on them is reused only on the same data)."""
+    from train.data import data_hash
+
+    files = split_files(persona, split, languages)
+    return data_hash([path for path, _ in files], languages) if files else None
+
+
+def adapters_nll(model, tokenizer, persona, split: str, languages: list[str], adapter: str = "default",
+                 active: float | None = None) -> dict:
     """Mean NLL per answer token of the persona's ``split`` dialogues in ``languages`` under
     the candidate (``adapter``, "default") and, where the model holds it, the frozen copy of
-    the active adapter ("ref"): ``{"candidate": x, "active": y}``; ``{}`` when there are none."""
-    files = [(persona.resolve(f.path), f.language) for f in persona.files(split, languages)]
+    the active adapter ("ref"; ``active``: its value, already known, not computed again):
+    ``{"candidate": x, "active": y}``; ``{}`` when there are none."""
+    files = split_files(persona, split, languages)
     examples = load_files(files, languages) if files else []
     if not examples:
         return {}
@@ -70,7 +94,9 @@ def adapters_nll(model, tokenizer, persona, split: str, languages: list[str], ad
     model.set_adapter(adapter)
     out = {"candidate": mean_nll(model, tokenized, tokenizer.pad_token_id)["mean_nll"]}
     model.set_adapter("default")
-    if "ref" in model.peft_config and adapter == "default":
+    if active is not None and adapter == "default":
+        out["active"] = active
+    elif "ref" in model.peft_config and adapter == "default":
         model.set_adapter("ref")
         try:
             out["active"] = mean_nll(model, tokenized, tokenizer.pad_token_id)["mean_nll"]

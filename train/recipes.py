@@ -113,6 +113,10 @@ class DPORecipe(TrainingRecipe):
     max_new_pairs: int = 96               # new pairs a run trains on, at most (drawn at random)
     # Anchor (RPO): rpo_alpha x the chosen answers' NLL per token added to the DPO loss.
     rpo_alpha: float = 0.5
+    # Anchor (persona): persona_anchor x the NLL per token of anchor_batch_size of the persona's
+    # own training dialogues, added every step (train/dpo.py PersonaAnchor); 0: off.
+    persona_anchor: float = 1.0
+    anchor_batch_size: int = 2
     # Reward model (train/reward.py): a Bradley-Terry head on frozen base-model features,
     # fitted on the human pairs, ranks rm_samples answers the active adapter samples for
     # rm_prompts prompts; best against worst become extra pairs of weight rm_pair_weight.
@@ -168,7 +172,10 @@ def _check(recipe, path: Path) -> None:
                 "max_length": recipe.max_length}
     if isinstance(recipe, DPORecipe):
         positive.update(beta=recipe.beta, min_pairs=recipe.min_pairs, min_voters=recipe.min_voters,
-                        outlier_min_shared=recipe.outlier_min_shared, share_cap=recipe.share_cap)
+                        outlier_min_shared=recipe.outlier_min_shared, share_cap=recipe.share_cap,
+                        anchor_batch_size=recipe.anchor_batch_size)
+        if recipe.persona_anchor < 0 or recipe.rpo_alpha < 0:
+            raise ConfigError(f"{path}: keys 'persona_anchor' and 'rpo_alpha' are weights, 0 or more")
         if recipe.share_cap > 1:
             raise ConfigError(f"{path}: key 'share_cap' is a share of the run's weight, at most 1")
         if not 0 <= recipe.min_reward_accuracy <= 1:

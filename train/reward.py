@@ -108,11 +108,13 @@ def answer_features(model, tokenizer, items: list[tuple[list[dict], str]], batch
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:256] or [tokenizer.eos_token_id]
         seqs.append((prompt + answer_ids, len(prompt)))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = []
+    out = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))  # neighbours by length: little padding
     model.eval()
     with torch.no_grad(), (model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()):
-        for start in range(0, len(seqs), batch_size):
-            batch = seqs[start : start + batch_size]
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = [seqs[i] for i in rows]
             width = max(len(ids) for ids, _ in batch)
             ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -122,8 +124,8 @@ def answer_features(model, tokenizer, items: list[tuple[list[dict], str]], batch
             hidden = base.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.float()
             for row, (seq, start_at) in enumerate(batch):
                 answer = hidden[row, start_at : len(seq)]
-                out.append(torch.cat([answer.mean(0), answer[-1],
-                                      torch.tensor([math.log1p(len(seq) - start_at)])]).numpy())
+                out[rows[row]] = torch.cat([answer.mean(0), answer[-1],
+                                            torch.tensor([math.log1p(len(seq) - start_at)])]).numpy()
     return np.stack(out)
 
 

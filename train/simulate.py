@@ -216,26 +216,40 @@ def _text(reply: dict) -> str:
     return reply["choices"][0]["message"]["content"]
 
 
-def preference_rates(api: Api, raters: list[Rater], persona: str, original: int, prompts: list[str],
-                     max_tokens: int, workers: int = 8) -> list[float]:
-    """For each rater, how often it prefers the active version's greedy answer to the original's
-    (its own taste, without --flip's noise)."""
-    headers = raters[0].headers
+class PreferenceMeter:
+    """For each rater, how often it prefers the served version's greedy answer to the original
+    version's on the held-out prompts (its own taste, without --flip's noise; ties count
+    half). Greedy answers of a version do not change, so the original's are asked once and a
+    version already measured is not measured again; the original against itself is 50%."""
 
-    def one(item):
-        i, prompt = item
-        new = _text(api.ask(persona, prompt, max_tokens, 0.0, headers=headers))
-        old = _text(api.ask(f"{persona}@v{original}", prompt, max_tokens, 0.0, headers=headers))
-        a_is_new = i % 2 == 0  # alternate positions: the rater sees no fixed order
-        scores = []
-        for rater in raters:
-            verdict = rater.judge(prompt, new, old) if a_is_new else rater.judge(prompt, old, new)
-            scores.append(0.5 if verdict == "tie" else float((verdict == "a") == a_is_new))
-        return scores
+    def __init__(self, api: Api, raters: list[Rater], persona: str, original: int, prompts: list[str],
+                 max_tokens: int, workers: int = 8):
+        self.api, self.raters, self.persona, self.original = api, raters, persona, original
+        self.prompts, self.max_tokens, self.workers = prompts, max_tokens, workers
+        self.old: list[str] | None = None
+        self.rates: dict[int, list[float]] = {original: [0.5] * len(raters)}
 
-    with ThreadPoolExecutor(workers) as pool:
-        scores = list(pool.map(one, enumerate(prompts)))
-    return [sum(s[r] for s in scores) / max(len(scores), 1) for r in range(len(raters))]
+    def _answers(self, model: str) -> list[str]:
+        headers = self.raters[0].headers
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(lambda p: _text(self.api.ask(model, p, self.max_tokens, 0.0, headers=headers)),
+                                 self.prompts))
+
+    def measure(self, served: int) -> list[float]:
+        if served not in self.rates:
+            if self.old is None:
+                self.old = self._answers(f"{self.persona}@v{self.original}")
+            new = self._answers(f"{self.persona}@v{served}")
+            self.rates[served] = [self._rate(rater, new) for rater in self.raters]
+        return self.rates[served]
+
+    def _rate(self, rater: Rater, new: list[str]) -> float:
+        score = 0.0
+        for i, (prompt, mine, theirs) in enumerate(zip(self.prompts, new, self.old)):
+            a_is_new = i % 2 == 0  # alternate positions: the rater sees no fixed order
+            verdict = rater.judge(prompt, mine, theirs) if a_is_new else rater.judge(prompt, theirs, mine)
+            score += 0.5 if verdict == "tie" else float((verdict == "a") == a_is_new)
+        return score / max(len(self.prompts), 1)
 
 
 def rate_round(api: Api, raters: list[Rater], args, rng: random.Random, round_no: int) -> tuple[dict, dict | None]:
@@ -349,21 +363,21 @@ def preferred(raters: list[Rater], rates: list[float]) -> list[dict]:
     return [{"rater": rater.spec, "rate": rate} for rater, rate in zip(raters, rates)]
 
 
-def play_round(api: Api, raters: list[Rater], args, rng: random.Random, round_no: int, original: int,
-               heldout: list[str]) -> dict:
+def play_round(api: Api, raters: list[Rater], args, rng: random.Random, round_no: int,
+               meter: PreferenceMeter) -> dict:
     """One round: comparisons, the run (and its A/B experiment, if it started one), and the
     measure on held-out prompts; returns the round's row."""
     counts, experiment = rate_round(api, raters, args, rng, round_no)
     if experiment and experiment["status"] == "running":  # the round did not decide it: play it to its end
         experiment = play_ab(api, raters, args, rng, experiment)
-    before = api.active_version(args.persona, raters[0].headers)
     run = api.retrain(args.persona, args.timeout, args.promotion)
     if run["status"] == "challenger" and round_no == args.rounds:  # no next round to decide it
         experiment = play_ab(api, raters, args, rng, api.experiment(args.persona,
                                                                     version_number(run["adapter_version"])))
-    rates = preference_rates(api, raters, args.persona, original, heldout, args.max_tokens, args.workers)
+    served = api.active_version(args.persona, raters[0].headers)
+    rates = meter.measure(served)
     return {"round": round_no, "comparisons": sum(counts.values()), "verdicts": counts, "run": run["id"],
-            "status": run["status"], "served": api.active_version(args.persona, raters[0].headers),
+            "status": run["status"], "served": served,
             "reward_accuracy": run.get("reward_accuracy"), "rm_accuracy": rm_accuracy(run),
             "ab": experiment and {k: experiment.get(k) for k in ("id", "status", "active", "challenger", "played",
                                                                   "figures")},
@@ -413,11 +427,11 @@ def main(args) -> None:
     names = ", ".join(r.spec for r in raters) + (f", verdicts flipped with p={args.flip:g}" if args.flip else "")
     title = f"{args.persona}: {'raters' if len(raters) > 1 else 'rater'} {names}"
     last = "preferred over original" + (" (each rater)" if len(raters) > 1 else "")
-    start = preference_rates(api, raters, args.persona, original, heldout, args.max_tokens, args.workers)
-    rows = [{"round": 0, "served": original, "preferred": preferred(raters, start)}]
+    meter = PreferenceMeter(api, raters, args.persona, original, heldout, args.max_tokens, args.workers)
+    rows = [{"round": 0, "served": original, "preferred": preferred(raters, meter.measure(original))}]
     started = time.monotonic()
     for round_no in range(1, args.rounds + 1):
-        rows.append(play_round(api, raters, args, rng, round_no, original, heldout))
+        rows.append(play_round(api, raters, args, rng, round_no, meter))
         table = Table(*COLUMNS, last, title=title)
         for row in rows:
             table.add_row(*row_cells(row))
