@@ -105,12 +105,18 @@ def test_consistency_scores_known_from_the_active_version_are_not_computed_again
     from train import consistency
     from train.registry import AdapterVersion
 
+    from train import evaluate
+
     monkeypatch.setattr(consistency, "judge_versions", lambda persona: {"teto": 1, "egen": 1})
+    monkeypatch.setattr(evaluate, "split_hash", lambda persona, split, languages: "sha256:prompts")
     sft = AdapterVersion("teto", 1, None, {"kind": "sft"})
     assert consistency.known_scores(sft, None) == {"sft": "active"}
-    metrics = {"consistency_candidate": 0.9, "consistency_sft": 0.94, "consistency_judges": {"teto": 1, "egen": 1}}
+    metrics = {"consistency_candidate": 0.9, "consistency_sft": 0.94, "consistency_judges": {"teto": 1, "egen": 1},
+               "consistency_data": "sha256:prompts"}
     dpo_version = AdapterVersion("teto", 3, None, {"kind": "dpo", "metrics": metrics})
     assert consistency.known_scores(dpo_version, None) == {"active": 0.9, "sft": 0.94}
     rejudged = {**metrics, "consistency_judges": {"teto": 1, "egen": 2}}   # egen got a new SFT version
     assert consistency.known_scores(AdapterVersion("teto", 3, None, {"kind": "dpo", "metrics": rejudged}), None) == {}
     assert consistency.known_scores(None, None) == {}
+    edited = {**metrics, "consistency_data": "sha256:other"}                # held-out prompts edited
+    assert consistency.known_scores(AdapterVersion("teto", 3, None, {"kind": "dpo", "metrics": edited}), None) == {}

@@ -313,3 +313,16 @@ def test_the_next_round_pits_the_challenger_against_the_active_version_and_decid
     assert pairs[40:56] == [{1, 2}] * 16       # round 2: v1 against the challenger, one batch (decided at 8)
     assert pairs[56:80] == [{2}] * 24          # then, v2 promoted, two answers of the new active version
     assert rows[1]["status"] == "challenger" and rows[2]["ab"]["status"] == "promoted" and first_run
+
+
+def test_a_round_that_decides_one_experiment_and_plays_the_next_shows_both():
+    """The last round's votes decide the experiment running (v3 promoted) and then play its own
+    run's challenger (v4) to its end: its row names both, each with its challenger."""
+    decided = {"id": "e3", "status": "promoted", "challenger": 3, "figures": {"wins": 50, "votes": 73,
+                                                                             "low": 0.5, "high": 0.83}}
+    played = {"id": "e4", "status": "stopped", "challenger": "teto-v4", "figures": {"wins": 40, "votes": 74,
+                                                                                    "low": 0.38, "high": 0.69}}
+    assert simulate.ab_cells({"experiments": [decided, played]}) == \
+        "v3 promoted 50/73 (0.50-0.83); v4 stopped 40/74 (0.38-0.69)"
+    assert simulate.ab_cells({"experiments": [decided]}) == "promoted 50/73 (0.50-0.83)"
+    assert simulate.ab_cells({"ab": None}) == "-"

@@ -95,9 +95,12 @@ def known_scores(active, persona) -> dict[str, float]:
         return {}
     if active.meta.get("kind") == "sft":
         return {"sft": "active"}
+    from train.evaluate import split_hash
+
     metrics = active.meta.get("metrics", {})
-    if metrics.get("consistency_judges") != judge_versions(persona):
-        return {}
+    if metrics.get("consistency_judges") != judge_versions(persona) or \
+            metrics.get("consistency_data") != split_hash(persona, "heldout", ["en"]):
+        return {}  # other judges, or other held-out prompts: scored again
     known = {"active": metrics.get("consistency_candidate"), "sft": metrics.get("consistency_sft")}
     return {label: score for label, score in known.items() if score is not None}
 

@@ -505,6 +505,7 @@ def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, r
     metrics.update({f"consistency_{label}": score for label, score in scores.items()})
     if scores:
         metrics["consistency_judges"] = judge_versions(persona)
+        metrics["consistency_data"] = split_hash(persona, "heldout", ["en"])
     with phases("sanity"):
         metrics["sanity_answers"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens)
         metrics["sanity_answers_active"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens, "ref")

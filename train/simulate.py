@@ -370,18 +370,29 @@ def play_round(api: Api, raters: list[Rater], args, rng: random.Random, round_no
     counts, experiment = rate_round(api, raters, args, rng, round_no)
     if experiment and experiment["status"] == "running":  # the round did not decide it: play it to its end
         experiment = play_ab(api, raters, args, rng, experiment)
+    experiments = [experiment] if experiment else []
     run = api.retrain(args.persona, args.timeout, args.promotion)
     if run["status"] == "challenger" and round_no == args.rounds:  # no next round to decide it
-        experiment = play_ab(api, raters, args, rng, api.experiment(args.persona,
-                                                                    version_number(run["adapter_version"])))
+        last = play_ab(api, raters, args, rng, api.experiment(args.persona, version_number(run["adapter_version"])))
+        experiments += [last] if last else []
     served = api.active_version(args.persona, raters[0].headers)
     rates = meter.measure(served)
+    keep = ("id", "status", "active", "challenger", "played", "figures")
+    decided = [{k: e.get(k) for k in keep} for e in experiments]
     return {"round": round_no, "comparisons": sum(counts.values()), "verdicts": counts, "run": run["id"],
             "status": run["status"], "served": served,
             "reward_accuracy": run.get("reward_accuracy"), "rm_accuracy": rm_accuracy(run),
-            "ab": experiment and {k: experiment.get(k) for k in ("id", "status", "active", "challenger", "played",
-                                                                  "figures")},
+            "ab": decided[-1] if decided else None, "experiments": decided,
             "preferred": preferred(raters, rates)}
+
+
+def ab_cells(row: dict) -> str:
+    """The round's experiments in one cell, each with its challenger when there are two
+    (the one the round's votes decided, and the last round's own, played to its end)."""
+    experiments = row.get("experiments") or ([row["ab"]] if row.get("ab") else [])
+    if len(experiments) < 2:
+        return ab_cell(experiments[0] if experiments else None)
+    return "; ".join(f"v{version_number(e['challenger'])} {ab_cell(e)}" for e in experiments)
 
 
 COLUMNS = ("round", "comparisons", "a / b / tie", "run", "status", "A/B", "served", "reward acc.", "RM acc.")
@@ -395,7 +406,7 @@ def row_cells(row: dict) -> list[str]:
     verdicts = row.get("verdicts")
     return [str(row["round"]), "-" if row.get("comparisons") is None else str(row["comparisons"]),
             f"{verdicts['a']} / {verdicts['b']} / {verdicts['tie']}" if verdicts else "-", row.get("run") or "-",
-            row.get("status") or "-", ab_cell(row.get("ab")), f"v{row['served']}", percent(row.get("reward_accuracy")),
+            row.get("status") or "-", ab_cells(row), f"v{row['served']}", percent(row.get("reward_accuracy")),
             percent(row.get("rm_accuracy")), _rates([p["rate"] for p in row["preferred"]])]
 
 
