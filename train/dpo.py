@@ -385,13 +385,13 @@ class PersonaAnchor:
     @classmethod
     def for_persona(cls, persona: Persona, tokenizer, recipe: DPORecipe) -> PersonaAnchor | None:
         from train.data import load_files
-        from train.evaluate import tokenize_examples
+        from train.evaluate import split_files, tokenize_examples
         from train.recipes import SFTRecipe
 
         if recipe.persona_anchor <= 0:
             return None
         languages = load_recipe(persona.recipe, SFTRecipe).languages
-        files = [(persona.resolve(f.path), f.language) for f in persona.files("train", languages)]
+        files = split_files(persona, "train", languages)
         examples = load_files(files, languages) if files else []
         tokenized = [t for t in tokenize_examples(tokenizer, examples, persona.system_prompt)
                      if t.n_answer_tokens and len(t.input_ids) <= recipe.max_length]
