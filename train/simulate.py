@@ -286,8 +286,10 @@ def judge_jobs(api: Api, raters: list[Rater], args, rng: random.Random, jobs: li
 
     def rate_one(item):
         (prompt, (model_one, seed_one), (model_two, seed_two), left), rater, headers, flipped = item
+        # both answers at once: the engine batches them with the other jobs' (twice the rows per step)
+        second = seconds.submit(api.ask, model_two, prompt, args.max_tokens, args.temperature, seed_two, headers)
         one = api.ask(model_one, prompt, args.max_tokens, args.temperature, seed_one, headers)
-        two = api.ask(model_two, prompt, args.max_tokens, args.temperature, seed_two, headers)
+        two = second.result()
         shown = (one, two) if left == "a" else (two, one)
         verdict = rater.judge(prompt, *(_text(s) for s in shown))
         verdict = flip(verdict) if flipped else verdict
@@ -296,7 +298,8 @@ def judge_jobs(api: Api, raters: list[Rater], args, rng: random.Random, jobs: li
         return verdict
 
     counts = {"a": 0, "b": 0, "tie": 0}
-    with Progress(console=console, transient=True) as progress, ThreadPoolExecutor(args.workers) as pool:
+    with Progress(console=console, transient=True) as progress, ThreadPoolExecutor(args.workers) as pool, \
+            ThreadPoolExecutor(args.workers) as seconds:
         task = progress.add_task(label, total=len(work))
         for verdict in pool.map(rate_one, work):
             counts[verdict] += 1
