@@ -125,3 +125,17 @@ def test_disconnected_stream_stops_generation(engine_url):
             break
         time.sleep(0.1)
     assert httpx.get(engine_url + "/health").json()["running"] == 0
+
+
+def test_rows_that_finish_at_their_first_token_leave_the_engine_serving(client, engine_url, caplog):
+    """An idle engine admits only rows that end at their first token (max_tokens 1): the
+    batch is then empty before any decode step, and the next requests are served."""
+    import logging
+
+    with caplog.at_level(logging.ERROR, logger="serve.engine.batching"):
+        for _ in range(3):
+            reply = ask(client, max_tokens=1)
+            assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 1
+    assert not [r for r in caplog.records if "decode step failed" in r.getMessage()]
+    assert ask(client, max_tokens=4).usage.completion_tokens >= 1
+    assert httpx.get(engine_url + "/health").json()["running"] == 0

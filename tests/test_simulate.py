@@ -95,8 +95,10 @@ class FakeGateway:
     when None)."""
 
     def __init__(self, going: str | None = None, status: str = "promoted", polls: int = 2,
-                 decide_after: int | None = None):
+                 decide_after: int | None = None, busy_every: int = 0):
         from feedback import runs
+
+        self.busy_every, self.busy = busy_every, 0  # every busy_every-th chat: 503 with Retry-After
 
         self.now, self.status, self.polls, self.decide_after = runs.now, status, polls, decide_after
         self.active, self.lock = 1, threading.Lock()
@@ -120,6 +122,10 @@ class FakeGateway:
             model, seed = body["model"], body.get("seed") or 0
             version = int(model.split("@v")[1]) if "@v" in model else self.active
             with self.lock:
+                if self.busy_every and (len(self.chats) + self.busy + 1) % self.busy_every == 0:
+                    self.busy += 1
+                    return JSONResponse({"error": {"message": "The engine failed: ReadError"}}, 503,
+                                        headers={"Retry-After": "0"})
                 turn = f"turn-{len(self.turns)}"
                 self.turns[turn] = (version, request.headers.get("authorization"))
                 self.chats.append((model, seed, body["temperature"]))
@@ -326,3 +332,11 @@ def test_a_round_that_decides_one_experiment_and_plays_the_next_shows_both():
         "v3 promoted 50/73 (0.50-0.83); v4 stopped 40/74 (0.38-0.69)"
     assert simulate.ab_cells({"experiments": [decided]}) == "promoted 50/73 (0.50-0.83)"
     assert simulate.ab_cells({"ab": None}) == "-"
+
+
+def test_a_chat_answered_503_with_retry_after_is_asked_again(gateway, tmp_path):
+    """An engine connection lost mid-simulation (503 with Retry-After) costs a wait, not the run."""
+    fake, url = gateway(busy_every=5)
+    rows = simulate_main(url, tmp_path, "--rater", "train.raters:shorter")
+    assert fake.busy >= 2, "the fake refused some chats"
+    assert rows[-1]["comparisons"] == 4 and len(fake.comparisons) == 4

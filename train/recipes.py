@@ -109,8 +109,8 @@ class DPORecipe(TrainingRecipe):
     # ---- learning more from each vote ----
     # Replay: each run trains on the pairs new since the active version (its own answers) plus
     # at most this many earlier pairs, so a run's time stays flat as votes accumulate.
-    replay_pairs: int = 48
-    max_new_pairs: int = 96               # new pairs a run trains on, at most (drawn at random)
+    replay_pairs: int = 24
+    max_new_pairs: int = 64               # new pairs a run trains on, at most (drawn at random)
     # Anchor (RPO): rpo_alpha x the chosen answers' NLL per token added to the DPO loss.
     rpo_alpha: float = 0.5
     # Anchor (persona): persona_anchor x the NLL per token of anchor_batch_size of the persona's

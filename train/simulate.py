@@ -110,7 +110,7 @@ def flip(verdict: str) -> str:
     return {"a": "b", "b": "a"}.get(verdict, verdict)
 
 
-MAX_QUOTA_WAITS = 100  # a simulated voter over the vote quota waits its Retry-After this often at most
+MAX_QUOTA_WAITS = 100  # a simulated client told to come back (429, 503) waits its Retry-After this often at most
 RUN_POLL_SECONDS = 2.0  # how often the run already going (the scheduler's) is looked at
 AB_BATCH = 16           # A/B comparisons played between two looks at the experiment
 
@@ -134,21 +134,28 @@ class Api:
             headers: dict | None = None) -> dict:
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                 "temperature": temperature, **({"seed": seed} if seed is not None else {})}
-        r = self.http.post("/v1/chat/completions", json=body, headers=headers or {})
+        r = self._post("/v1/chat/completions", body, headers or {})
         if r.status_code != 200:
             raise UserError(f"the gateway refused a chat ({r.status_code}): {r.text[:200]}")
         return r.json()
 
     def compare(self, turn_a: str, turn_b: str, choice: str, left: str, headers: dict) -> None:
         body = {"turn_a": turn_a, "turn_b": turn_b, "choice": choice, "left": left}
-        r = self.http.post("/v1/comparisons", json=body, headers=headers)
-        for _ in range(MAX_QUOTA_WAITS):  # over the voter's vote quota: wait as told, then vote again
-            if r.status_code != 429:
-                break
-            time.sleep(float(r.headers.get("Retry-After", "1")))
-            r = self.http.post("/v1/comparisons", json=body, headers=headers)
+        r = self._post("/v1/comparisons", body, headers)
         if r.status_code != 200:
             raise UserError(f"the gateway refused a comparison ({r.status_code}): {r.text[:200]}")
+
+    def _post(self, path: str, body: dict, headers: dict):
+        """POST as a patient client would: a 429 (over the voter's vote quota, or the gateway
+        full) or a 503 with Retry-After (an engine restarting, a connection lost) is tried
+        again after the time the gateway asked for, up to MAX_QUOTA_WAITS times."""
+        r = self.http.post(path, json=body, headers=headers)
+        for _ in range(MAX_QUOTA_WAITS):
+            if r.status_code != 429 and not (r.status_code == 503 and "Retry-After" in r.headers):
+                break
+            time.sleep(float(r.headers.get("Retry-After", "1")))
+            r = self.http.post(path, json=body, headers=headers)
+        return r
 
     def _admin(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kw):
         """An admin request (the admin key's headers); a status not in ``ok`` is a UserError."""

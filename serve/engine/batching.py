@@ -139,7 +139,8 @@ class Batcher:
             try:
                 if admitted:
                     self._prefill(admitted)
-                self._step()
+                if self._rows:  # every row may have finished at its first token (max_tokens 1, an EOS)
+                    self._step()
             except Exception as exc:  # a bug must not kill the loop: fail the rows, keep serving
                 log.exception("decode step failed")
                 failed = self._rows + [r for r in admitted if r not in self._rows]  # admitted: maybe not in yet

@@ -47,13 +47,19 @@ class Replica:
     served: int = 0
 
 
+KEEPALIVE_SECONDS = 2.0
+
+
 class EnginePool:
     def __init__(self, urls: list[str], api_key: str | None = None, timeout: float = 600.0):
         if not urls:
             raise ValueError("at least one engine URL is needed")
         self.replicas = [Replica(u.rstrip("/")) for u in urls]
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        # Idle connections are dropped after 2 s, before any engine's server drops them (uvicorn's
+        # and vLLM's keep-alive is 5 s): a request sent on a connection the server is closing at
+        # that moment fails with a ReadError (seen under steady load: one chat in ~2,000 got 503).
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=KEEPALIVE_SECONDS)
         self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout, connect=5.0), limits=limits)
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self.wanted: dict[str, str] = {}  # adapter name -> path, kept loaded on every replica
