@@ -340,3 +340,21 @@ def test_a_chat_answered_503_with_retry_after_is_asked_again(gateway, tmp_path):
     rows = simulate_main(url, tmp_path, "--rater", "train.raters:shorter")
     assert fake.busy >= 2, "the fake refused some chats"
     assert rows[-1]["comparisons"] == 4 and len(fake.comparisons) == 4
+
+
+def test_the_out_file_carries_the_measured_answers_and_they_score_as_the_table_says(gateway, tmp_path):
+    """Round 0 holds the held-out prompts and the original's greedy answers, each round the
+    served version's: the rater's rate can be computed again from the file alone."""
+    from train import raters
+
+    fake, url = gateway(status="promoted")
+    rows = simulate_main(url, tmp_path, "--rater", "train.raters:shorter")
+    prompts, old = rows[0]["heldout_prompts"], rows[0]["heldout_answers"]
+    assert len(prompts) == len(old) == 2 and rows[-1]["served"] == 2
+    new = rows[-1]["heldout_answers"]
+    assert len(new) == 2 and new != old
+    again = 0.0
+    for i, (prompt, mine, theirs) in enumerate(zip(prompts, new, old)):
+        verdict = raters.shorter(prompt, mine, theirs) if i % 2 == 0 else raters.shorter(prompt, theirs, mine)
+        again += 0.5 if verdict == "tie" else float((verdict == "a") == (i % 2 == 0))
+    assert rows[-1]["preferred"][0]["rate"] == again / 2 == 1.0  # v2's answers are shorter on every prompt

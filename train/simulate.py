@@ -227,13 +227,15 @@ class PreferenceMeter:
     """For each rater, how often it prefers the served version's greedy answer to the original
     version's on the held-out prompts (its own taste, without --flip's noise; ties count
     half). Greedy answers of a version do not change, so the original's are asked once and a
-    version already measured is not measured again; the original against itself is 50%."""
+    version already measured is not measured again; the original against itself is 50%.
+    ``answers`` keeps each version's greedy answers (the --out file carries them, so the
+    measure can be read, or scored again by another rater, afterwards)."""
 
     def __init__(self, api: Api, raters: list[Rater], persona: str, original: int, prompts: list[str],
                  max_tokens: int, workers: int = 8):
         self.api, self.raters, self.persona, self.original = api, raters, persona, original
         self.prompts, self.max_tokens, self.workers = prompts, max_tokens, workers
-        self.old: list[str] | None = None
+        self.answers: dict[int, list[str]] = {}  # greedy answers of each version measured
         self.rates: dict[int, list[float]] = {original: [0.5] * len(raters)}
 
     def _answers(self, model: str) -> list[str]:
@@ -243,16 +245,16 @@ class PreferenceMeter:
                                  self.prompts))
 
     def measure(self, served: int) -> list[float]:
+        for version in dict.fromkeys((self.original, served)):
+            if version not in self.answers:
+                self.answers[version] = self._answers(f"{self.persona}@v{version}")
         if served not in self.rates:
-            if self.old is None:
-                self.old = self._answers(f"{self.persona}@v{self.original}")
-            new = self._answers(f"{self.persona}@v{served}")
-            self.rates[served] = [self._rate(rater, new) for rater in self.raters]
+            self.rates[served] = [self._rate(rater, self.answers[served]) for rater in self.raters]
         return self.rates[served]
 
     def _rate(self, rater: Rater, new: list[str]) -> float:
         score = 0.0
-        for i, (prompt, mine, theirs) in enumerate(zip(self.prompts, new, self.old)):
+        for i, (prompt, mine, theirs) in enumerate(zip(self.prompts, new, self.answers[self.original])):
             a_is_new = i % 2 == 0  # alternate positions: the rater sees no fixed order
             verdict = rater.judge(prompt, mine, theirs) if a_is_new else rater.judge(prompt, theirs, mine)
             score += 0.5 if verdict == "tie" else float((verdict == "a") == a_is_new)
@@ -393,7 +395,7 @@ def play_round(api: Api, raters: list[Rater], args, rng: random.Random, round_no
             "status": run["status"], "served": served,
             "reward_accuracy": run.get("reward_accuracy"), "rm_accuracy": rm_accuracy(run),
             "ab": decided[-1] if decided else None, "experiments": decided,
-            "preferred": preferred(raters, rates)}
+            "preferred": preferred(raters, rates), "heldout_answers": meter.answers[served]}
 
 
 def ab_cells(row: dict) -> str:
@@ -436,6 +438,7 @@ def load_prompts(args) -> tuple[list[str], list[str]]:
 
 
 def main(args) -> None:
+    started = time.monotonic()  # the whole command: the original's measure included
     raters = load_raters(args.rater)
     if not 0 <= args.flip <= 1:
         raise UserError(f"--flip {args.flip}: a probability, between 0 and 1")
@@ -449,8 +452,8 @@ def main(args) -> None:
     title = f"{args.persona}: {'raters' if len(raters) > 1 else 'rater'} {names}"
     last = "preferred over original" + (" (each rater)" if len(raters) > 1 else "")
     meter = PreferenceMeter(api, raters, args.persona, original, heldout, args.max_tokens, args.workers)
-    rows = [{"round": 0, "served": original, "preferred": preferred(raters, meter.measure(original))}]
-    started = time.monotonic()
+    rows = [{"round": 0, "served": original, "preferred": preferred(raters, meter.measure(original)),
+             "heldout_prompts": heldout, "heldout_answers": meter.answers[original]}]
     for round_no in range(1, args.rounds + 1):
         rows.append(play_round(api, raters, args, rng, round_no, meter))
         table = Table(*COLUMNS, last, title=title)
