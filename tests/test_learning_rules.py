@@ -112,7 +112,7 @@ def test_consistency_scores_known_from_the_active_version_are_not_computed_again
     sft = AdapterVersion("teto", 1, None, {"kind": "sft"})
     assert consistency.known_scores(sft, None) == {"sft": "active"}
     metrics = {"consistency_candidate": 0.9, "consistency_sft": 0.94, "consistency_judges": {"teto": 1, "egen": 1},
-               "consistency_data": "sha256:prompts"}
+               "consistency_data": f"sha256:prompts:{consistency.MAX_PROMPTS}"}
     dpo_version = AdapterVersion("teto", 3, None, {"kind": "dpo", "metrics": metrics})
     assert consistency.known_scores(dpo_version, None) == {"active": 0.9, "sft": 0.94}
     rejudged = {**metrics, "consistency_judges": {"teto": 1, "egen": 2}}   # egen got a new SFT version
@@ -120,3 +120,5 @@ def test_consistency_scores_known_from_the_active_version_are_not_computed_again
     assert consistency.known_scores(None, None) == {}
     edited = {**metrics, "consistency_data": "sha256:other"}                # held-out prompts edited
     assert consistency.known_scores(AdapterVersion("teto", 3, None, {"kind": "dpo", "metrics": edited}), None) == {}
+    fewer = {**metrics, "consistency_data": "sha256:prompts:16"}            # scored on fewer of them
+    assert consistency.known_scores(AdapterVersion("teto", 3, None, {"kind": "dpo", "metrics": fewer}), None) == {}

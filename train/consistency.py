@@ -23,7 +23,10 @@ from contextlib import nullcontext
 
 from train import registry
 
-MAX_PROMPTS = 16
+# Held-out prompts a version is scored on. With 16, one prompt was 6.25 points, more than the
+# gate's 5-point bound, so a single prompt changing side refused a candidate (seen: 100% -> 94%).
+# 32 makes a prompt about 3 points: the bound then refuses a net loss of two prompts.
+MAX_PROMPTS = 32
 MAX_TOKENS = 48
 
 
@@ -86,6 +89,14 @@ def judge_versions(persona) -> dict[str, int]:
     return {p.name: v.version for p in list_personas() if (v := registry.sft_version(p.name)) is not None}
 
 
+def data_fingerprint(persona) -> str | None:
+    """What a score was measured on: the held-out files and how many of their prompts."""
+    from train.evaluate import split_hash
+
+    files = split_hash(persona, "heldout", ["en"])
+    return files and f"{files}:{MAX_PROMPTS}"
+
+
 def known_scores(active, persona) -> dict[str, float]:
     """Scores the run need not compute again: the active version's own score and the SFT
     version's, from the active version's metrics when they were computed with the same
@@ -95,11 +106,9 @@ def known_scores(active, persona) -> dict[str, float]:
         return {}
     if active.meta.get("kind") == "sft":
         return {"sft": "active"}
-    from train.evaluate import split_hash
-
     metrics = active.meta.get("metrics", {})
     if metrics.get("consistency_judges") != judge_versions(persona) or \
-            metrics.get("consistency_data") != split_hash(persona, "heldout", ["en"]):
+            metrics.get("consistency_data") != data_fingerprint(persona):
         return {}  # other judges, or other held-out prompts: scored again
     known = {"active": metrics.get("consistency_candidate"), "sft": metrics.get("consistency_sft")}
     return {label: score for label, score in known.items() if score is not None}

@@ -497,7 +497,7 @@ def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, r
     with phases("persona_loss"):
         metrics.update(sft_losses(model, tokenizer, persona, active))
         metrics.update(safety_losses(model, tokenizer, persona, active))
-    from train.consistency import consistency_scores, judge_versions, known_scores
+    from train.consistency import consistency_scores, data_fingerprint, judge_versions, known_scores
 
     with phases("consistency"):
         scores = consistency_scores(model, tokenizer, persona, {"candidate": "default", "active": "ref"},
@@ -505,7 +505,7 @@ def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, r
     metrics.update({f"consistency_{label}": score for label, score in scores.items()})
     if scores:
         metrics["consistency_judges"] = judge_versions(persona)
-        metrics["consistency_data"] = split_hash(persona, "heldout", ["en"])
+        metrics["consistency_data"] = data_fingerprint(persona)
     with phases("sanity"):
         metrics["sanity_answers"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens)
         metrics["sanity_answers_active"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens, "ref")
