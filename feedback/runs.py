@@ -24,8 +24,9 @@ from typing import Callable
 # A run in any other status is still going. "challenger": it passed the gate and started an
 # A/B experiment (promotion: ab), which decides later; the gateway then records the outcome on
 # the run too ("promoted", or "retired" when the challenger lost: ``record_outcome``).
-FINISHED = ("promoted", "rejected", "skipped", "failed", "challenger", "retired")
-TRAINED = ("promoted", "rejected", "failed", "challenger", "retired")  # finished runs that trained
+# "succeeded": an SFT version, recorded when the store syncs the registry's adapters.
+FINISHED = ("promoted", "rejected", "skipped", "failed", "challenger", "retired", "succeeded")
+TRAINED = ("promoted", "rejected", "failed", "challenger", "retired", "succeeded")  # finished runs that trained
 INTERRUPTED = "interrupted: its process ended before the run finished; nothing was promoted"
 
 

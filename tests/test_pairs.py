@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from feedback import pairs, stats
+from feedback import pairs, runs, stats
 from feedback.snapshot import Snapshot, SnapshotError
 from feedback.store import Store, Turn
 from feedback.votes import record_comparison, record_vote
@@ -175,6 +175,9 @@ def test_snapshot_reads_like_the_store(store, tmp_path):
     assert pairs.build(snap, "teto") == pairs.build(store, "teto") == {"dpo": 1, "kto": 0, "sft": 1}
     run = stats.training_runs(snap)[0]
     assert (run["id"], run["status"], run["reward_accuracy"]) == ("teto-v1-run", "succeeded", 0.75)
+    # a finished SFT run: the next retrain's clean-up of runs a dead process left going passes it by
+    assert runs.close_interrupted(store, "teto", store.record_run) == 0
+    assert stats.training_runs(store)[0]["status"] == "succeeded"
     (tmp_path / "snap" / "votes.parquet").unlink()
     with pytest.raises(SnapshotError, match="votes.parquet"):
         Snapshot.open(tmp_path / "snap")
