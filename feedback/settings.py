@@ -86,7 +86,8 @@ VARIABLES: dict[str, Var] = {
             "Folder for everything the product writes (models/, adapters/, runs/, the database)."),
         # Which base model the personas' adapters sit on.
         Var("PERSONA_BASE_MODEL", str, lambda: DEFAULT_BASE_MODEL,
-            "Base model: the built-in SmolLM2-135M-Instruct, a local transformers folder, or a hub id."),
+            "Base model: a built-in one (SmolLM2-135M-Instruct, English; gemma-3-270m, multilingual), "
+            "a local transformers folder, or a hub id."),
         # Where persona definitions live; the repository's personas/ by default.
         Var("PERSONA_PERSONAS_DIR", _path, lambda: REPO_ROOT / "personas",
             "Folder of persona YAML files and their dialogue data."),

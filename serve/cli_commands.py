@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -30,7 +31,11 @@ def provision(args) -> None:
     from train import base_model
 
     path = base_model.resolve(args.base_model)
-    console.print(f"Base model ready: {path}")
+    record = base_model.builtin_record(path)
+    console.print(f"Base model ready: {path}" + (f" (built-in {record['name']}, languages: "
+                                                  f"{', '.join(record['languages'])})" if record else ""))
+    if record.get("licence"):
+        console.print(f"Its terms of use: {', '.join(str(Path(path) / f) for f in record['licence'])}")
 
 
 def setup(args) -> None:
@@ -235,6 +240,11 @@ def chat(args) -> None:
     from train import base_model, registry
     from train.personas import load_persona
 
+    from serve.protocol import MAX_REPETITION_PENALTY
+
+    if not 0 < args.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise UserError(f"--repetition-penalty {args.repetition_penalty}: above 0 and at most "
+                        f"{MAX_REPETITION_PENALTY:g} (1 turns it off)")
     persona = load_persona(args.persona)
     adapter = registry.get(persona.name, args.version) if args.version else registry.active(persona.name)
     if adapter is None:
@@ -243,7 +253,7 @@ def chat(args) -> None:
     started = time.time()
     reply = generate_reply(
         base, str(adapter.path), persona.system_prompt, args.message,
-        max_new_tokens=args.max_tokens, temperature=args.temperature,
+        max_new_tokens=args.max_tokens, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
     )
     err.print(f"[dim]{adapter.name}, {time.time() - started:.1f} s[/]")
     console.print(f"[bold]{persona.display_name}:[/] {reply}")

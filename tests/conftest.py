@@ -57,6 +57,35 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def gemma_dir(tmp_path_factory) -> Path:
+    """The real Gemma 3 270M, assembled from its packages and converted once per session."""
+    from train.base_model import GEMMA3, provision_builtin
+
+    return provision_builtin(GEMMA3, tmp_path_factory.mktemp("models") / GEMMA3.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory, gemma_dir) -> Path:
+    """A 2-layer random Gemma 3 with the real tokenizer, chat template and end-of-turn stop."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-gemma"
+    config = AutoConfig.from_pretrained(gemma_dir)
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+                   "layer_types": list(config.layer_types[:2])})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                 "special_tokens_map.json", "builtin.json"):
+        if (gemma_dir / name).exists():
+            shutil.copy(gemma_dir / name, out / name)
+    return out
+
+
 def make_lora(base_dir: Path, out: Path, seed: int, rank: int = 4) -> str:
     """A random LoRA adapter (B non-zero, so it changes the outputs) for the model in base_dir."""
     import torch

@@ -26,7 +26,7 @@ def test_default_model_is_provisioned_once_under_home(persona_home, smollm2_dir,
     calls = []
     target = settings.models_dir() / settings.DEFAULT_BASE_MODEL
 
-    def fake_convert(gguf, out):
+    def fake_convert(gguf, out, info=None):
         calls.append(out)
         out.mkdir(parents=True)
         for f in smollm2_dir.iterdir():
