@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 def generate_reply(base: str, adapter_path: str | None, system_prompt: str, message: str,
-                   max_new_tokens: int = 96, temperature: float = 0.0) -> str:
+                   max_new_tokens: int = 96, temperature: float = 0.0, repetition_penalty: float = 1.1) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,6 +26,6 @@ def generate_reply(base: str, adapter_path: str | None, system_prompt: str, mess
     sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {
         "do_sample": False}
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, repetition_penalty=1.1,
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -26,6 +26,9 @@ MAX_MESSAGE_CHARS = 32_000
 MAX_N = 8
 MAX_STOP = 4
 MAX_TOKENS_LIMIT = 4096
+# vLLM's repetition_penalty (1: off) accepts any value above 0; past 2 the text breaks down (a
+# model that may not repeat a token it has seen, the prompt's included), so 2 is the bound here.
+MAX_REPETITION_PENALTY = 2.0
 # Temperatures below this sample greedily, as in vLLM (its _SAMPLING_EPS): dividing logits
 # by a denormal temperature overflows to inf and the sampling distribution to NaN. A top_p
 # below it is raised to it: both keep only the likeliest token, but a denormal top_p is 0 in
@@ -85,6 +88,9 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    # vLLM's extra sampling parameter: the logit of every token already in the prompt or the
+    # answer is divided by it when positive and multiplied by it when negative (1: off).
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
     user: Text | None = Field(default=None, max_length=256)
 
     @field_validator("temperature")

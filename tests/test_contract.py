@@ -63,6 +63,17 @@ def test_chat_is_logged_with_its_adapter_version(client, s):
     assert turn.client.startswith("key:") and turn.latency_ms > 0
 
 
+def test_repetition_penalty_reaches_the_engine_and_the_store(client, s):
+    """vLLM's repetition_penalty, on either engine: it changes the greedy answer of a persona
+    and is logged with the turn's sampling."""
+    plain = ask(client, max_tokens=16)
+    penalised = ask(client, max_tokens=16, extra_body={"repetition_penalty": 2.0})
+    assert s.store.turn(penalised.id).sampling["repetition_penalty"] == 2.0
+    assert "repetition_penalty" not in s.store.turn(plain.id).sampling or \
+        s.store.turn(plain.id).sampling["repetition_penalty"] is None
+    assert penalised.choices[0].message.content != plain.choices[0].message.content
+
+
 def test_callers_system_prompt_is_kept(client, s):
     reply = ask(client, model="egen", messages=[{"role": "system", "content": "Answer in one word."},
                                                 {"role": "user", "content": "hi"}])

@@ -139,3 +139,38 @@ def test_rows_that_finish_at_their_first_token_leave_the_engine_serving(client, 
     assert not [r for r in caplog.records if "decode step failed" in r.getMessage()]
     assert ask(client, max_tokens=4).usage.completion_tokens >= 1
     assert httpx.get(engine_url + "/health").json()["running"] == 0
+
+
+def test_repetition_penalty_has_vllm_semantics():
+    """Seen tokens: a positive logit is divided by the penalty, a negative one multiplied."""
+    import torch
+
+    from serve.engine.batching import repetition_penalized
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    out = repetition_penalized(logits, [0, 1, 1], 2.0)
+    assert out.tolist() == [1.0, -2.0, 0.5, 3.0] and logits.tolist() == [2.0, -1.0, 0.5, 3.0]
+    assert repetition_penalized(logits, [], 2.0).tolist() == logits.tolist()
+
+
+def test_repetition_penalty_answers_as_transformers_generate(client, tiny_model_dir):
+    """Greedy with repetition_penalty gives transformers' greedy answer with the same penalty
+    (the same rule: over the prompt's and the answer's tokens), and not the unpenalised one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": "hello there"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+    def reference(penalty):
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=12, do_sample=False, repetition_penalty=penalty,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    penalised = ask(client, max_tokens=12, extra_body={"repetition_penalty": 1.5}).choices[0].message.content
+    plain = ask(client, max_tokens=12).choices[0].message.content
+    assert penalised == reference(1.5) and plain == reference(1.0)
+    assert penalised != plain

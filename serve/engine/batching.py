@@ -32,6 +32,7 @@ class Sampling:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    repetition_penalty: float = 1.0  # vLLM's: over the prompt's and the answer's tokens; 1 is off
 
 
 @dataclass
@@ -262,6 +263,10 @@ class Batcher:
     def _sample(self, logits, rows):
         import torch
 
+        for i, r in enumerate(rows):
+            if r.request.sampling.repetition_penalty != 1.0:
+                logits[i] = repetition_penalized(logits[i], r.request.prompt_ids + r.ids,
+                                                 r.request.sampling.repetition_penalty)
         out = logits.argmax(-1)  # greedy rows keep this; sampled rows are redrawn below
         for i, r in enumerate(rows):
             s = r.request.sampling
@@ -321,6 +326,21 @@ class Batcher:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
         self._rows = [self._rows[i] for i in keep]
         self._state = (cache, mask, tokens)
+
+
+def repetition_penalized(logits, seen: list[int], penalty: float):
+    """vLLM's (and transformers') repetition penalty on one row of logits: each token in
+    ``seen`` (the prompt's and the answer's so far) has its logit divided by ``penalty`` when
+    positive and multiplied by it when negative, so a penalty above 1 makes it less likely."""
+    import torch
+
+    ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
+    if not ids.numel():
+        return logits
+    picked = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
 
 
 def _resolve(fn, future, loop) -> None:

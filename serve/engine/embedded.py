@@ -153,7 +153,8 @@ class EmbeddedEngine:
             )
         temperature = 1.0 if body.temperature is None else body.temperature
         sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=body.top_p or 1.0,
-                            stop=body.stop or [], seed=body.seed)
+                            stop=body.stop or [], seed=body.seed,
+                            repetition_penalty=body.repetition_penalty or 1.0)
         return ids, adapter, sampling
 
     def submit(self, ids: list[int], adapter: str | None, sampling: Sampling, n: int) -> Request:

@@ -41,7 +41,7 @@ def _upstream(body: ChatCompletionRequest, target: Target) -> tuple[list[dict], 
         messages.insert(0, {"role": "system", "content": target.system_prompt})
     sampling = {"n": body.n, "temperature": body.temperature, "top_p": body.top_p,
                 "max_tokens": body.max_completion_tokens or body.max_tokens, "stop": body.stop or None,
-                "seed": body.seed}
+                "seed": body.seed, "repetition_penalty": body.repetition_penalty}
     upstream = {"model": target.adapter, "messages": messages, "stream": body.stream,
                 **{k: v for k, v in sampling.items() if v is not None}}
     if body.stream:

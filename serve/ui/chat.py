@@ -20,6 +20,10 @@ from serve.protocol import ChatCompletionRequest, strip_controls
 
 MAX_TOKENS = 200       # per answer in the UI
 TEMPERATURE = 0.8      # two samples of one version must be able to differ (side by side)
+# Small models loop on a phrase ("Edit once, not forward. Edit once, ..."); a mild penalty on
+# tokens already said (vLLM's repetition_penalty) keeps answers readable. The API's default stays
+# off (1.0), as in vLLM and OpenAI: a program asks for it when it wants it.
+REPETITION_PENALTY = 1.1
 
 
 @dataclass
@@ -60,7 +64,8 @@ async def stream_answer(gateway: Gateway, model: str, messages: list[dict], sess
     """Yield (answer so far, turn id, model id that answered) as the answer streams in;
     the turn is in the store before the last yield."""
     body = ChatCompletionRequest(model=model, messages=messages, stream=True, max_tokens=MAX_TOKENS,
-                                 temperature=temperature, seed=seed, user=session.user)
+                                 temperature=temperature, seed=seed, user=session.user,
+                                 repetition_penalty=REPETITION_PENALTY)
     turn = await start_turn(gateway, body, session.client, session.voter)
     text, turn_id, model_id = "", turn.row.id, turn.target.model_id
     async with turn:  # ended on every path: a closed tab, an error raised here
