@@ -95,8 +95,10 @@ class FakeGateway:
     when None)."""
 
     def __init__(self, going: str | None = None, status: str = "promoted", polls: int = 2,
-                 decide_after: int | None = None, busy_every: int = 0):
+                 decide_after: int | None = None, busy_every: int = 0, in_share: bool = False):
         from feedback import runs
+
+        self.in_share = in_share  # this client is in the challenger's share of API traffic
 
         self.busy_every, self.busy = busy_every, 0  # every busy_every-th chat: 503 with Retry-After
 
@@ -121,6 +123,9 @@ class FakeGateway:
         def chat(body: dict, request: Request):
             model, seed = body["model"], body.get("seed") or 0
             version = int(model.split("@v")[1]) if "@v" in model else self.active
+            running = next((e for e in self.experiments if e["status"] == "running"), None)
+            if "@v" not in model and self.in_share and running:
+                version = running["challenger"]
             with self.lock:
                 if self.busy_every and (len(self.chats) + self.busy + 1) % self.busy_every == 0:
                     self.busy += 1
@@ -358,3 +363,13 @@ def test_the_out_file_carries_the_measured_answers_and_they_score_as_the_table_s
         verdict = raters.shorter(prompt, mine, theirs) if i % 2 == 0 else raters.shorter(prompt, theirs, mine)
         again += 0.5 if verdict == "tie" else float((verdict == "a") == (i % 2 == 0))
     assert rows[-1]["preferred"][0]["rate"] == again / 2 == 1.0  # v2's answers are shorter on every prompt
+
+
+def test_the_served_version_is_the_active_one_even_for_a_client_in_the_challengers_share(gateway, tmp_path):
+    """The round's run left a challenger whose A/B share serves this client: the table's
+    "served" is still the active version, measured as such."""
+    fake, url = gateway(status="challenger", in_share=True)
+    rows = simulate_main(url, tmp_path, "--rater", "train.raters:shorter", "--ab-max-votes", "4", rounds=2)
+    assert rows[1]["status"] == "challenger", "round 1 was measured while its experiment ran"
+    assert [r["served"] for r in rows] == [1, 1, 1]
+    assert rows[1]["preferred"][0]["rate"] == 0.5  # v1 against itself

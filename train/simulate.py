@@ -215,6 +215,11 @@ class Api:
         self._admin("post", f"/admin/experiments/{experiment_id}/stop", json={})
 
     def active_version(self, persona: str, headers: dict) -> int:
+        """The persona's active version. While an A/B experiment runs, the API's answer may come
+        from the challenger (a sticky share of clients gets it), so the experiment says."""
+        running = self.running_experiment(persona)
+        if running:
+            return version_number(running["active"])
         reply = self.ask(persona, "hi", 1, 0.0, headers=headers)
         return int(reply["model"].split("@v")[1])
 
