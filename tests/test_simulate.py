@@ -95,8 +95,11 @@ class FakeGateway:
     when None)."""
 
     def __init__(self, going: str | None = None, status: str = "promoted", polls: int = 2,
-                 decide_after: int | None = None, busy_every: int = 0, in_share: bool = False):
+                 decide_after: int | None = None, busy_every: int = 0, in_share: bool = False,
+                 decide_at_stop: bool = False):
         from feedback import runs
+
+        self.decide_at_stop = decide_at_stop
 
         self.in_share = in_share  # this client is in the challenger's share of API traffic
 
@@ -170,6 +173,9 @@ class FakeGateway:
         @app.post("/admin/experiments/{experiment_id}/stop")
         def stop(experiment_id: str, request: Request):
             admin(request)
+            if self.decide_at_stop:  # the last votes decided it just before the stop arrived
+                self.experiments[0]["status"], self.active = "promoted", 2
+                return JSONResponse({"error": {"message": f"Experiment {experiment_id} is promoted already"}}, 409)
             self.stops.append(experiment_id)
             self.experiments[0]["status"] = "stopped"
             return {"id": experiment_id, "status": "stopped"}
@@ -373,3 +379,12 @@ def test_the_served_version_is_the_active_one_even_for_a_client_in_the_challenge
     assert rows[1]["status"] == "challenger", "round 1 was measured while its experiment ran"
     assert [r["served"] for r in rows] == [1, 1, 1]
     assert rows[1]["preferred"][0]["rate"] == 0.5  # v1 against itself
+
+
+def test_an_experiment_decided_just_before_the_stop_counts_as_decided(gateway, tmp_path, capsys):
+    """At --ab-max-votes the simulator stops the experiment, but the last votes had just
+    promoted the challenger (409 "promoted already"): the round reports the promotion."""
+    fake, url = gateway(status="challenger", decide_at_stop=True)
+    rows = simulate_main(url, tmp_path, "--rater", "train.raters:shorter", "--ab-max-votes", "4")
+    assert rows[-1]["experiments"][-1]["status"] == "promoted" and rows[-1]["served"] == 2
+    assert "still undecided" not in said(capsys)

@@ -211,8 +211,10 @@ class Api:
         found = self._admin("get", "/admin/experiments", params={"persona": persona}).json()["experiments"]
         return next((e for e in found if e["status"] == "running"), None)
 
-    def stop_experiment(self, experiment_id) -> None:
-        self._admin("post", f"/admin/experiments/{experiment_id}/stop", json={})
+    def stop_experiment(self, experiment_id) -> bool:
+        """Stop a running experiment; False when the last votes decided it meanwhile (409)."""
+        return self._admin("post", f"/admin/experiments/{experiment_id}/stop", ok=(200, 409),
+                           json={}).status_code == 200
 
     def active_version(self, persona: str, headers: dict) -> int:
         """The persona's active version. While an A/B experiment runs, the API's answer may come
@@ -345,11 +347,12 @@ def play_ab(api: Api, raters: list[Rater], args, rng: random.Random, experiment:
     while experiment["status"] == "running" and played < args.ab_max_votes:
         played += ab_batch(api, raters, args, rng, active, challenger, min(AB_BATCH, args.ab_max_votes - played))
         experiment = api.experiment(args.persona, challenger) or experiment
+    stopped = experiment["status"] == "running" and api.stop_experiment(experiment["id"])
     if experiment["status"] == "running":
-        api.stop_experiment(experiment["id"])
+        experiment = api.experiment(args.persona, challenger) or {**experiment, "status": "stopped"}
+    if stopped:
         console.print(f"[yellow]A/B of v{challenger} against v{active}: still undecided after {played} comparisons "
                       f"(--ab-max-votes {args.ab_max_votes}): stopped it[/]")
-        experiment = api.experiment(args.persona, challenger) or {**experiment, "status": "stopped"}
     else:
         console.print(f"A/B of v{challenger} against v{active}: {experiment['status']} after {played} comparisons")
     return {**experiment, "played": played}
