@@ -240,10 +240,10 @@ def chat(args) -> None:
     from train import base_model, registry
     from train.personas import load_persona
 
-    from serve.protocol import MAX_REPETITION_PENALTY
+    from serve.protocol import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 
-    if not 0 < args.repetition_penalty <= MAX_REPETITION_PENALTY:
-        raise UserError(f"--repetition-penalty {args.repetition_penalty}: above 0 and at most "
+    if not MIN_REPETITION_PENALTY <= args.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise UserError(f"--repetition-penalty {args.repetition_penalty}: from {MIN_REPETITION_PENALTY:g} to "
                         f"{MAX_REPETITION_PENALTY:g} (1 turns it off)")
     persona = load_persona(args.persona)
     adapter = registry.get(persona.name, args.version) if args.version else registry.active(persona.name)

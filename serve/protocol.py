@@ -26,8 +26,11 @@ MAX_MESSAGE_CHARS = 32_000
 MAX_N = 8
 MAX_STOP = 4
 MAX_TOKENS_LIMIT = 4096
-# vLLM's repetition_penalty (1: off) accepts any value above 0; past 2 the text breaks down (a
-# model that may not repeat a token it has seen, the prompt's included), so 2 is the bound here.
+# vLLM's repetition_penalty (1: off) accepts any value above 0. Past 2 the text breaks down (a
+# model that may not repeat a token it has seen, the prompt's included), and a denormal one
+# divides a logit into infinity (a NaN distribution for every row of the batch), so here it is
+# between 0.01 and 2.
+MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 2.0
 # Temperatures below this sample greedily, as in vLLM (its _SAMPLING_EPS): dividing logits
 # by a denormal temperature overflows to inf and the sampling distribution to NaN. A top_p
@@ -90,7 +93,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     # vLLM's extra sampling parameter: the logit of every token already in the prompt or the
     # answer is divided by it when positive and multiplied by it when negative (1: off).
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     user: Text | None = Field(default=None, max_length=256)
 
     @field_validator("temperature")

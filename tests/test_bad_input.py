@@ -52,7 +52,9 @@ CASES = [
      "n: Input should be less than or equal to 8"),
     ("chat-temperature-wrong-type", "POST", CHAT, chat(extra=', "temperature": "hot"'), "api", 400, "temperature"),
     ("chat-repetition-penalty-zero", "POST", CHAT, chat(extra=', "repetition_penalty": 0'), "api", 400,
-     "repetition_penalty: Input should be greater than 0"),
+     "repetition_penalty: Input should be greater than or equal to 0.01"),
+    ("chat-repetition-penalty-denormal", "POST", CHAT, chat(extra=', "repetition_penalty": 5e-324'), "api", 400,
+     "repetition_penalty"),
     ("chat-repetition-penalty-huge", "POST", CHAT, chat(extra=', "repetition_penalty": 50'), "api", 400,
      "repetition_penalty: Input should be less than or equal to 2"),
     ("chat-too-many-stops", "POST", CHAT, chat(extra=', "stop": ["a", "b", "c", "d", "e"]'), "api", 400,
@@ -199,7 +201,8 @@ def test_run_times_are_stored_in_utc(s):
 def test_denormal_sampling_values_are_served(s):
     """Found by the fuzzer: temperature or top_p 5e-324 made the engine's sampling distribution
     NaN or empty, and the request hung. Below 1e-5 both now mean greedy (as in vLLM)."""
-    for sampling in ({"temperature": 5e-324}, {"top_p": 5e-324}, {"temperature": 1e-30, "top_p": 1e-40}):
+    for sampling in ({"temperature": 5e-324}, {"top_p": 5e-324}, {"temperature": 1e-30, "top_p": 1e-40},
+                     {"temperature": 1.0, "repetition_penalty": 0.01}, {"repetition_penalty": 2.0, "top_p": 1e-40}):
         r = httpx.post(s.url + CHAT, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30,
                        json={"model": "teto", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}],
                              **sampling})
