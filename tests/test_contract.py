@@ -219,6 +219,37 @@ def test_adapter_lost_by_the_engine_is_loaded_again(client, s):
     assert ask(client, model="egen").model == "egen@v1"
 
 
+def test_pinned_requests_for_the_swapped_out_version_are_served_across_the_swap(client, s):
+    """Requests pinned to the old version keep coming while a promotion swaps it out (an A/B
+    experiment's side-by-side rounds do that): each is served, none hears 404 because the
+    engine was unloading its adapter when the request reached it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stop, statuses = time.monotonic() + 60, []
+
+    def pinned_traffic():
+        while time.monotonic() < stop and len(statuses) < 400:
+            try:
+                statuses.append(ask(client, model="teto@v1", max_tokens=48).model)
+            except openai.APIStatusError as exc:
+                statuses.append(exc.status_code)
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(pinned_traffic) for _ in range(16)]
+        try:
+            for active in (2, 1, 2, 1):  # swap v1 out and in again, under load
+                time.sleep(0.3)
+                s.state["catalog"] = catalog(s.adapters, teto_active=active)
+                assert admin(s, "/admin/reload", {}).status_code == 200
+        finally:
+            stop = time.monotonic()
+            s.state["catalog"] = catalog(s.adapters, teto_active=1)
+            admin(s, "/admin/reload", {})
+        for future in futures:
+            future.result()
+    assert statuses and all(status == "teto@v1" for status in statuses), [x for x in statuses if x != "teto@v1"]
+
+
 def test_reload_swaps_the_active_version(client, s):
     """Hot swap: the new version serves under its own name, the old one is unloaded."""
     s.state["catalog"] = catalog(s.adapters, teto_active=2)

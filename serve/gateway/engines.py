@@ -148,13 +148,19 @@ class EnginePool:
             self.wanted[name] = path
 
     async def unload(self, name: str) -> None:
-        self.wanted.pop(name, None)
-        for r in self.replicas:
-            if r.healthy:
-                resp = await self._post(r, "/v1/unload_lora_adapter", {"lora_name": name})
-                if resp.status_code not in (200, 404):
-                    raise parse_error(resp.status_code, resp.content)
-            r.loaded.discard(name)
+        """Unload an adapter from every replica, under the adapter's lock: a request that needs
+        it meanwhile (a pinned version's, one retried after the engine said 404 while it was
+        unloading) loads it again only once the unload is done, instead of being told "already
+        loaded" by an engine that is about to drop it."""
+        lock = self._adapter_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            self.wanted.pop(name, None)
+            for r in self.replicas:
+                r.loaded.discard(name)  # first: from here on a request loads it again (after this)
+                if r.healthy:
+                    resp = await self._post(r, "/v1/unload_lora_adapter", {"lora_name": name})
+                    if resp.status_code not in (200, 404):
+                        raise parse_error(resp.status_code, resp.content)
 
     async def sync_adapters(self) -> None:
         for name, path in list(self.wanted.items()):
