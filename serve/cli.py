@@ -109,8 +109,9 @@ def _adapter_and_data_commands(sub, c) -> None:
     p.add_argument("--version", type=c.version_number, help="adapter version (default: the active one)")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
-    p.add_argument("--repetition-penalty", type=float, default=1.1,
-                   help="vLLM's repetition_penalty: tokens already said are made less likely (1 turns it off)")
+    p.add_argument("--repetition-penalty", type=float,
+                   help="vLLM's repetition_penalty: tokens already said are made less likely (1 turns it off; "
+                        "default: the UI's, 1.1)")
     p.add_argument("message", help="the user's message")
     p.set_defaults(func=c.chat)
 

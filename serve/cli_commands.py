@@ -240,8 +240,10 @@ def chat(args) -> None:
     from train import base_model, registry
     from train.personas import load_persona
 
-    from serve.protocol import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
+    from serve.protocol import CHAT_REPETITION_PENALTY, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 
+    if args.repetition_penalty is None:
+        args.repetition_penalty = CHAT_REPETITION_PENALTY
     if not MIN_REPETITION_PENALTY <= args.repetition_penalty <= MAX_REPETITION_PENALTY:
         raise UserError(f"--repetition-penalty {args.repetition_penalty}: from {MIN_REPETITION_PENALTY:g} to "
                         f"{MAX_REPETITION_PENALTY:g} (1 turns it off)")

@@ -7,9 +7,12 @@ independent of ``train``.
 
 from __future__ import annotations
 
+from serve.protocol import CHAT_REPETITION_PENALTY
+
 
 def generate_reply(base: str, adapter_path: str | None, system_prompt: str, message: str,
-                   max_new_tokens: int = 96, temperature: float = 0.0, repetition_penalty: float = 1.1) -> str:
+                   max_new_tokens: int = 96, temperature: float = 0.0,
+                   repetition_penalty: float = CHAT_REPETITION_PENALTY) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

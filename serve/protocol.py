@@ -32,6 +32,10 @@ MAX_TOKENS_LIMIT = 4096
 # between 0.01 and 2.
 MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 2.0
+# What the product's own chat surfaces (the browser UI, `persona chat`) ask for: small models
+# loop on a phrase ("Edit once, not forward. Edit once, ..."), and a mild penalty on tokens
+# already said keeps answers readable. The API's default stays off (1.0), as in vLLM and OpenAI.
+CHAT_REPETITION_PENALTY = 1.1
 # Temperatures below this sample greedily, as in vLLM (its _SAMPLING_EPS): dividing logits
 # by a denormal temperature overflows to inf and the sampling distribution to NaN. A top_p
 # below it is raised to it: both keep only the likeliest token, but a denormal top_p is 0 in

@@ -58,7 +58,7 @@ class EnginePool:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # Idle connections are dropped after 2 s, before any engine's server drops them (uvicorn's
         # and vLLM's keep-alive is 5 s): a request sent on a connection the server is closing at
-        # that moment fails with a ReadError (seen under steady load: one chat in ~2,000 got 503).
+        # that moment fails with a ReadError (seen under steady load: one chat in a run of about 1,500 got 503).
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256, keepalive_expiry=KEEPALIVE_SECONDS)
         self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout, connect=5.0), limits=limits)
         self._adapter_locks: dict[str, asyncio.Lock] = {}

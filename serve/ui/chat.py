@@ -16,14 +16,10 @@ from feedback.errors import APIError
 from feedback.votes import Vote
 from serve.gateway.chat import start_turn
 from serve.gateway.core import Gateway
-from serve.protocol import ChatCompletionRequest, strip_controls
+from serve.protocol import CHAT_REPETITION_PENALTY, ChatCompletionRequest, strip_controls
 
 MAX_TOKENS = 200       # per answer in the UI
 TEMPERATURE = 0.8      # two samples of one version must be able to differ (side by side)
-# Small models loop on a phrase ("Edit once, not forward. Edit once, ..."); a mild penalty on
-# tokens already said (vLLM's repetition_penalty) keeps answers readable. The API's default stays
-# off (1.0), as in vLLM and OpenAI: a program asks for it when it wants it.
-REPETITION_PENALTY = 1.1
 
 
 @dataclass
@@ -65,7 +61,7 @@ async def stream_answer(gateway: Gateway, model: str, messages: list[dict], sess
     the turn is in the store before the last yield."""
     body = ChatCompletionRequest(model=model, messages=messages, stream=True, max_tokens=MAX_TOKENS,
                                  temperature=temperature, seed=seed, user=session.user,
-                                 repetition_penalty=REPETITION_PENALTY)
+                                 repetition_penalty=CHAT_REPETITION_PENALTY)
     turn = await start_turn(gateway, body, session.client, session.voter)
     text, turn_id, model_id = "", turn.row.id, turn.target.model_id
     async with turn:  # ended on every path: a closed tab, an error raised here
