@@ -170,13 +170,14 @@ def up(args) -> None:
         # engine or vLLM server this command started is stopped too.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         from serve.gateway.scheduler import ScheduleConfig, Scheduler
+        from serve.processes import url_of
         from train.recipes import DPORecipe, load_recipe
 
         # The scheduler counts new pairs, and their voters, by the runs' own recipe (serve does not import train).
         recipe = load_recipe(args.retrain_recipe, DPORecipe)
         gateway.scheduler = Scheduler(gateway, ScheduleConfig(
             enabled=not args.no_scheduler, min_new_pairs=args.min_new_pairs, interval=args.retrain_interval,
-            gateway_url=f"http://127.0.0.1:{args.port}", log_dir=settings.runs_dir() / "logs",
+            gateway_url=url_of(args.host, args.port), log_dir=settings.runs_dir() / "logs",
             recipe=args.retrain_recipe, rules=recipe.pair_rules(), min_voters=recipe.min_voters))
         app = create_gateway_app(gateway, ui_users=settings.get("PERSONA_UI_USERS"))
         err.print(f"browser UI on http://{args.host}:{args.port}/")

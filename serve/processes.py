@@ -26,6 +26,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def url_of(host: str, port: int) -> str:
+    """The URL at which this host reaches a server bound to ``host:port``: a wildcard bind
+    (0.0.0.0, ::) is reached on loopback, any other address as it is (a server bound to
+    one address does not answer on 127.0.0.1)."""
+    import ipaddress
+
+    host = host.strip().strip("[]")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host}:{port}"  # a name
+    return f"http://[{literal}]:{port}" if literal.version == 6 else f"http://{literal}:{port}"
+
+
 def serve_in_thread(app) -> tuple[str, object]:
     """Serve an ASGI app on a free loopback port from a daemon thread; returns (url, server)."""
     import uvicorn

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from feedback import export, pairs, runs, settings
+from feedback import export, keys, pairs, runs, settings
 from feedback.errors import UserError
 from train import registry
 
@@ -40,9 +40,9 @@ console = Console(stderr=True)
 
 
 def bearer(name: str) -> dict:
-    """The Authorization header for the first key in a key variable, or none."""
-    keys = settings.get(name)
-    return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    """The Authorization header for a kind of key (``PERSONA_API_KEY`` or ``PERSONA_ADMIN_KEY``):
+    the variable's first key, else its key file's (``feedback.keys``), or none."""
+    return keys.bearer_header(name.removeprefix("PERSONA_").removesuffix("_KEY"))
 
 
 def error_message(response) -> str:
@@ -82,7 +82,7 @@ class GatewayClient:
         except httpx.HTTPError as exc:
             raise UserError(f"the gateway at {self.url} did not answer {path} ({type(exc).__name__})") from None
         if r.status_code != 200:
-            hint = " (check PERSONA_ADMIN_KEY)" if r.status_code in (401, 403) else ""
+            hint = " (check PERSONA_ADMIN_KEY or PERSONA_ADMIN_KEY_FILE)" if r.status_code in (401, 403) else ""
             raise UserError(f"the gateway at {self.url} refused {path} ({r.status_code}): {error_message(r)}{hint}")
         return r.json()
 

@@ -166,7 +166,7 @@ class Api:
         except httpx.HTTPError as exc:
             raise UserError(f"the gateway at {self.admin.url} did not answer {path} ({type(exc).__name__})") from None
         if r.status_code not in ok:
-            hint = " (check PERSONA_ADMIN_KEY)" if r.status_code in (401, 403) else ""
+            hint = " (check PERSONA_ADMIN_KEY or PERSONA_ADMIN_KEY_FILE)" if r.status_code in (401, 403) else ""
             raise UserError(f"the gateway refused {method.upper()} {path} ({r.status_code}): {error_message(r)}{hint}")
         return r
 

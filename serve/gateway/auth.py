@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from feedback.errors import APIError
+from feedback.keys import read_key_file
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,6 @@ def _matches(token: str, keys: tuple[str, ...]) -> bool:
     for key in keys:  # no early exit: the time taken does not tell which key matched
         found |= hmac.compare_digest(token.encode(), key.encode())
     return found
-
-
-def read_key_file(path: Path) -> tuple[str, ...]:
-    """The keys in a key file: one a line; blank lines and '#' comments are ignored."""
-    lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
-    return tuple(line for line in lines if line)
 
 
 class KeyRing:
