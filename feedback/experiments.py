@@ -139,7 +139,7 @@ def verdicts(db, experiment: dict) -> list[Verdict]:
         "AND NOT coalesce(ta.own_system_prompt, false) AND NOT coalesce(tb.own_system_prompt, false) "
         "AND ((ta.adapter_version = ? AND tb.adapter_version = ?) "
         "OR (ta.adapter_version = ? AND tb.adapter_version = ?)) "
-        "ORDER BY c.created_at",
+        "ORDER BY c.seq",
         [experiment["started_at"], experiment["persona"], experiment["persona"], experiment["challenger"],
          experiment["active"], experiment["active"], experiment["challenger"]])
     found = []

@@ -140,4 +140,30 @@ MIGRATIONS: list[tuple[str, str]] = [
             reason      VARCHAR                       -- why it was promoted, retired or stopped
         )
     """),
+    ("0009_vote_sequence", """
+        -- The latest vote of a voter is the one inserted last, by an insertion sequence: the
+        -- wall clock can step back (NTP, a restored VM) and two votes can share a timestamp.
+        -- Rows already there are numbered in the order they were inserted (their row order).
+        CREATE SEQUENCE votes_seq START 1;
+        ALTER TABLE votes ADD COLUMN seq BIGINT DEFAULT nextval('votes_seq');
+        CREATE SEQUENCE comparisons_seq START 1;
+        ALTER TABLE comparisons ADD COLUMN seq BIGINT DEFAULT nextval('comparisons_seq');
+        CREATE OR REPLACE VIEW current_votes AS
+            SELECT * EXCLUDE (rn) FROM (
+                SELECT *, row_number() OVER (PARTITION BY turn_id, choice_index, client ORDER BY seq DESC) AS rn
+                FROM votes)
+            WHERE rn = 1 AND vote <> 'retract';
+        CREATE OR REPLACE VIEW current_comparisons AS
+            SELECT * EXCLUDE (rn) FROM (
+                SELECT *, row_number() OVER (PARTITION BY least(turn_a, turn_b), greatest(turn_a, turn_b), voter
+                                             ORDER BY seq DESC) AS rn
+                FROM comparisons)
+            WHERE rn = 1;
+    """),
+    ("0010_store_heartbeat", """
+        -- One row the gateway rewrites now and then: a write that tells whether the store can
+        -- write at all (its /health), even when no vote or turn comes.
+        CREATE TABLE store_heartbeat (id INTEGER PRIMARY KEY, written_at TIMESTAMP NOT NULL);
+        INSERT INTO store_heartbeat VALUES (1, now());
+    """),
 ]

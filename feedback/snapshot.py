@@ -17,7 +17,7 @@ from pathlib import Path
 
 from feedback import settings
 from feedback.errors import UserError
-from feedback.store import SNAPSHOT_TABLES, Reads
+from feedback.store import PARTIAL_SUFFIX, SNAPSHOT_TABLES, Reads
 
 KEEP = 5  # snapshots kept on disk; older ones are removed when a new one is written
 
@@ -40,6 +40,17 @@ def prune(keep: int = KEEP) -> None:
     done = sorted(p for p in snapshots_dir().glob("*") if p.is_dir() and not p.name.startswith("."))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partials() -> list[Path]:
+    """Remove the half-written snapshot folders a killed process left (``.NAME.partial``);
+    the gateway calls it at start, when no snapshot of its own is being written."""
+    import shutil
+
+    stale = [p for p in snapshots_dir().glob(f".*{PARTIAL_SUFFIX}") if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 class Snapshot(Reads):

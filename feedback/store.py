@@ -17,20 +17,77 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from feedback import settings
-from feedback.errors import UserError
+from feedback.errors import APIError, UserError
 from feedback.migrations import MIGRATIONS
+
+log = logging.getLogger(__name__)
 
 DB_NAME = "feedback.duckdb"
 
 
 class StoreError(UserError):
     pass
+
+
+RETRY_AFTER_SECONDS = 5  # what a caller refused for a store that cannot write is told to wait
+
+
+class StoreUnavailable(APIError):
+    """The store cannot write (a full disk, a file gone read-only): nothing was recorded, and
+    the caller hears 503 with Retry-After."""
+
+    def __init__(self, reason: str):
+        super().__init__(503, f"The feedback store cannot write right now ({reason}); nothing was recorded. "
+                              "Retry shortly.", code="store_unavailable",
+                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def _storage_failure(exc: Exception) -> bool:
+    """Whether a write failed for the storage's sake (the disk, the file, the commit), not
+    for the statement's (a constraint, a bug)."""
+    import duckdb
+
+    return isinstance(exc, (OSError, duckdb.IOException, duckdb.FatalException, duckdb.InternalException,
+                            duckdb.OutOfMemoryException, duckdb.PermissionException, duckdb.TransactionException))
+
+
+class WriteHealth:
+    """Whether the store can write: the outcome of its latest write (every write, and the
+    gateway's heartbeat probe, report here). A change is logged once, not at every write."""
+
+    def __init__(self):
+        self.error: str | None = None
+        self.failing_since: datetime | None = None
+        self.last_write: datetime | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def succeeded(self) -> None:
+        if self.error is not None:
+            log.warning("the feedback store writes again (it failed from %s: %s)", self.failing_since, self.error)
+        self.error, self.failing_since, self.last_write = None, None, utc_now()
+
+    def failed(self, exc: Exception) -> None:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if self.error is None:
+            log.error("the feedback store cannot write: %s", reason)
+            self.failing_since = utc_now()
+        self.error = reason
+
+    def status(self) -> dict:
+        return {"writable": self.ok, "error": self.error,
+                "failing_since": self.failing_since.isoformat() if self.failing_since else None,
+                "last_write": self.last_write.isoformat() if self.last_write else None}
 
 
 def utc_now() -> datetime:
@@ -94,6 +151,27 @@ class Store(Reads):
     def __init__(self, con, path: str):
         super().__init__(con)
         self.path = path
+        self.health = WriteHealth()
+
+    @contextmanager
+    def _writing(self):
+        """The connection, under the lock, for one write: its outcome is the store's health,
+        and a storage failure is raised as ``StoreUnavailable`` (a 503 for an HTTP caller)."""
+        with self._lock:
+            try:
+                yield self._con
+            except Exception as exc:
+                if not _storage_failure(exc):
+                    raise
+                self.health.failed(exc)
+                raise StoreUnavailable(self.health.error) from exc
+            self.health.succeeded()
+
+    def probe(self) -> None:
+        """Rewrite the heartbeat row: whether the store can write now (``health``), when no
+        turn or vote has told."""
+        with self._writing() as con:
+            con.execute("UPDATE store_heartbeat SET written_at = ? WHERE id = 1", [utc_now()])
 
     @classmethod
     def open(cls, path: str | Path | None = None) -> "Store":
@@ -158,8 +236,8 @@ class Store(Reads):
             row[key] = json.dumps(row[key], ensure_ascii=False)
         columns = list(row)
         sql = f"INSERT INTO turns ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
-        with self._lock:
-            self._con.execute(sql, [row[c] for c in columns])
+        with self._writing() as con:
+            con.execute(sql, [row[c] for c in columns])
 
     def turn(self, turn_id: str) -> Turn | None:
         with self._lock:
@@ -175,8 +253,8 @@ class Store(Reads):
 
     def execute(self, sql: str, params: list | None = None) -> list[tuple]:
         """Run one parameterised write; it is committed when this returns."""
-        with self._lock:
-            cur = self._con.execute(sql, params or [])
+        with self._writing() as con:
+            cur = con.execute(sql, params or [])
             return cur.fetchall() if cur.description else []
 
     # ---- adapters and training runs -----------------------------------------------------------
@@ -188,8 +266,7 @@ class Store(Reads):
         now = utc_now()
         rows = [[a["name"], a["persona"], a["version"], a["path"], a.get("kind"), a.get("parent_version"),
                  a["status"], json.dumps(a.get("metrics") or {}), a.get("created_at"), now] for a in adapters]
-        with self._lock:
-            con = self._con
+        with self._writing() as con:
             con.execute("BEGIN TRANSACTION")
             try:
                 con.execute("UPDATE adapters SET status = 'retired', updated_at = ? WHERE status <> 'retired'", [now])
@@ -242,14 +319,26 @@ class Store(Reads):
         complete or not at all (written beside it, then renamed)."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        partial = folder.with_name(f".{folder.name}.partial")
+        partial = partial_path(folder)
         partial.mkdir()
-        with self._lock:
-            for table in SNAPSHOT_TABLES:
-                target = str(partial / f"{table}.parquet").replace("'", "''")
-                self._con.execute(f"COPY (SELECT * FROM {table}) TO '{target}' (FORMAT parquet)")
-        partial.rename(folder)
+        try:
+            with self._lock:
+                for table in SNAPSHOT_TABLES:
+                    target = str(partial / f"{table}.parquet").replace("'", "''")
+                    self._con.execute(f"COPY (SELECT * FROM {table}) TO '{target}' (FORMAT parquet)")
+            partial.rename(folder)
+        except BaseException:  # a full disk, a table that cannot be read: nothing half-written stays
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         return folder
+
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(folder: Path) -> Path:
+    """Where a snapshot is written before it is renamed to ``folder``."""
+    return folder.with_name(f".{folder.name}{PARTIAL_SUFFIX}")
 
 
 SNAPSHOT_TABLES = ("turns", "votes", "current_votes", "comparisons", "current_comparisons", "adapters",

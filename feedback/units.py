@@ -45,18 +45,18 @@ _UNITS = """,
     sbs AS (
         SELECT persona, unit, voter,
                arg_max(CASE WHEN choice IN ('tie', 'both_bad') THEN choice
-                            WHEN (choice = 'a') = (a < b) THEN 'x' ELSE 'y' END, created_at) AS value
+                            WHEN (choice = 'a') = (a < b) THEN 'x' ELSE 'y' END, seq) AS value
         FROM (SELECT ta.persona, json_extract_string(ta.answers, 0) AS a, json_extract_string(tb.answers, 0) AS b,
-                     hash(ta.context, least(a, b), greatest(a, b)) AS unit, c.choice, c.voter, c.created_at
+                     hash(ta.context, least(a, b), greatest(a, b)) AS unit, c.choice, c.voter, c.seq
               FROM {comparisons} c JOIN t ta ON ta.id = c.turn_a JOIN t tb ON tb.id = c.turn_b
               WHERE ta.context = tb.context)
         WHERE a <> b AND a <> '' AND b <> ''
         GROUP BY persona, unit, voter
     ),
     thumb AS (
-        SELECT persona, unit, voter, arg_max(vote, created_at) AS value
+        SELECT persona, unit, voter, arg_max(vote, seq) AS value
         FROM (SELECT t.persona, json_extract_string(t.answers, v.choice_index) AS answer,
-                     hash(t.context, answer) AS unit, v.voter, v.vote, v.created_at
+                     hash(t.context, answer) AS unit, v.voter, v.vote, v.seq
               FROM {votes} v JOIN t ON t.id = v.turn_id)
         WHERE answer <> ''
         GROUP BY persona, unit, voter

@@ -8,7 +8,8 @@ HTTP status the gateway answers with.
 A vote counts for the turn's voter (``turns.voter``: the API key, or the UI
 login, or ``ui``), recorded with it. Posting the same thumb on the same answer
 again, or the same verdict on the same two turns, changes nothing: only a
-changed vote is a new row (the latest one counts).
+changed vote is a new row (the latest one counts: the last inserted, by the
+tables' insertion sequence ``seq``, not by the clock).
 
     from feedback.votes import record_vote, record_comparison
     record_vote(store, turn_id, "up", client="key:ab12...", reason="helpful")
@@ -71,7 +72,7 @@ def _current(store: Store, turn_ids: list[str]) -> dict[tuple, tuple]:
     current: dict[tuple, tuple] = {}
     for t, i, c, vote, reason, comment in store.query(
             "SELECT turn_id, choice_index, client, vote, reason, comment FROM votes "
-            "WHERE turn_id IN (SELECT unnest(?)) ORDER BY created_at", [turn_ids]):
+            "WHERE turn_id IN (SELECT unnest(?)) ORDER BY seq", [turn_ids]):
         current[t, i, c] = (vote, reason, comment)
     return {k: v for k, v in current.items() if v[0] != "retract"}
 
@@ -161,7 +162,7 @@ def _same_verdict(store: Store, turn_a: str, turn_b: str, choice: str, voter: st
     same as ``choice`` (so posting it again changes nothing)."""
     rows = store.query("SELECT id, turn_a, turn_b, choice FROM comparisons WHERE voter = ? "
                        "AND least(turn_a, turn_b) = least(?, ?) AND greatest(turn_a, turn_b) = greatest(?, ?) "
-                       "ORDER BY created_at DESC LIMIT 1", [voter, turn_a, turn_b, turn_a, turn_b])
+                       "ORDER BY seq DESC LIMIT 1", [voter, turn_a, turn_b, turn_a, turn_b])
     if rows and _verdict(*rows[0][1:]) == _verdict(turn_a, turn_b, choice):
         return rows[0][0]
     return None
