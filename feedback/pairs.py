@@ -59,9 +59,9 @@ class PairRules:
 _STAGES = [
     ("turns", "WITH{turns} SELECT * FROM t"),
     ("votes", """
-        SELECT turn_id, choice_index, coalesce(voter, client) AS voter, vote, reason, created_at FROM current_votes"""),
+        SELECT turn_id, choice_index, coalesce(voter, client) AS voter, vote, reason, created_at, seq FROM current_votes"""),
     ("comparisons", """
-        SELECT turn_a, turn_b, choice, coalesce(voter, client) AS voter, created_at FROM current_comparisons"""),
+        SELECT turn_a, turn_b, choice, coalesce(voter, client) AS voter, created_at, seq FROM current_comparisons"""),
     ("voters", """
         SELECT voter, least(1.0, {cap} / count(*)) AS w
         FROM (SELECT voter FROM pref_stage_votes UNION ALL SELECT voter FROM pref_stage_comparisons)
@@ -174,13 +174,6 @@ def outliers(db, persona: str | None = None, rules: PairRules = PairRules(), sta
         return {}
     source = units.Source("pref_stage_turns", "pref_stage_votes", "pref_stage_comparisons") if staged else None
     return units.outliers(db, persona, rules.include_own_system_prompt, rules.outlier_min_shared, source)
-
-
-def built_voters(db, kind: str = "dpo") -> int:
-    """How many distinct voters the last ``build`` on ``db`` has behind its ``kind`` rows."""
-    if kind not in KINDS[:2]:
-        raise ValueError(f"kind must be dpo or kto, not {kind!r}")
-    return db.query(f"SELECT count(DISTINCT voter) FROM (SELECT unnest(voters) AS voter FROM pref_{kind})")[0][0]
 
 
 def built_outliers(db, persona: str) -> list[str]:

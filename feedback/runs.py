@@ -5,8 +5,8 @@ that reads or writes them shares, written once.
   that died (there is one run per persona at a time), so they are recorded as failed.
   The retrain loop (``train/loop.py``) does it before each run; the gateway's scheduler
   does it when a run process exits with an error.
-* ``examples_of_last_run``: the pairs the persona's last finished run had, so the
-  scheduler counts only the new ones.
+* ``last_trained_start``: when the persona's last run that trained started, so the
+  scheduler counts only the votes recorded since.
 * ``record_outcome``: what became of a run's challenger once its A/B experiment decided.
 
 Both read the live store or a snapshot; ``record`` says where a record goes (the
@@ -47,13 +47,14 @@ def close_interrupted(db, persona: str, record: Callable[[dict], None], message:
     return len(rows)
 
 
-def examples_of_last_run(db, persona: str, kind: str = "dpo") -> int:
-    """Training plus held-out examples of the persona's last ``kind`` run that trained
-    (skipped runs trained nothing, so their pairs are still new)."""
-    rows = db.query("SELECT coalesce(train_examples, 0) + coalesce(heldout_examples, 0) FROM training_runs "
-                    f"WHERE persona = ? AND kind = ? AND status IN ({', '.join('?' for _ in TRAINED)}) "
-                    "ORDER BY started_at DESC LIMIT 1", [persona, kind, *TRAINED])
-    return rows[0][0] if rows else 0
+def last_trained_start(db, persona: str):
+    """When the persona's last preference run that trained started (a UTC time), or None:
+    the votes recorded since are the new ones (``feedback.pending``). Skipped runs trained
+    nothing, and a run that failed before it trained has no examples: neither counts."""
+    rows = db.query("SELECT max(started_at) FROM training_runs WHERE persona = ? AND kind IN ('dpo', 'kto') "
+                    f"AND train_examples IS NOT NULL AND status IN ({', '.join('?' for _ in TRAINED)})",
+                    [persona, *TRAINED])
+    return rows[0][0] if rows else None
 
 
 def record_outcome(db, run_id: str, status: str, message: str) -> None:

@@ -162,13 +162,13 @@ def test_hot_swap_under_streaming_load(tiny_model_dir, tmp_path):
 
 
 def test_scheduler_starts_a_run_when_enough_new_pairs(tmp_path, monkeypatch):
-    """The scheduler counts new pairs since the persona's last run with the recipe's pair rules,
-    respects the interval, runs one retrain per persona at a time on a snapshot it took itself,
+    """The scheduler counts new pairs since the persona's last run that trained (a count query
+    that leaves out turns with the caller's own system prompt, as the recipe's rules do), respects the interval, runs one retrain per persona at a time on a snapshot it took itself,
     and records a run whose process died."""
     import asyncio
     from types import SimpleNamespace
 
-    from feedback import pairs
+    from feedback import pairs, runs
     from feedback.errors import APIError
     from feedback.store import Store, Turn
     from feedback.votes import record_vote
@@ -182,6 +182,13 @@ def test_scheduler_starts_a_run_when_enough_new_pairs(tmp_path, monkeypatch):
                             answers=[f"answer {i}"], finish_reasons=["stop"], sampling={}, stream=False,
                             latency_ms=1, client="c", persona="teto", adapter="teto-v1", adapter_version=1))
         record_vote(store, f"t{i}", "up" if i % 2 else "down", "c")
+    own = Turn(id="own", requested_model="teto", messages=[{"role": "system", "content": "mine"}], answers=["x"],
+               finish_reasons=["stop"], sampling={}, stream=False, latency_ms=1, client="c", persona="teto",
+               adapter="teto-v1", adapter_version=1, own_system_prompt=True)
+    store.add_turn(own)
+    store.add_turn(Turn(**{**own.__dict__, "id": "own2", "answers": ["y"]}))
+    record_vote(store, "own", "up", "c")
+    record_vote(store, "own2", "down", "c")      # a pair only when the rules take such turns
     snapshots = []
 
     def snapshot() -> str:
@@ -190,15 +197,17 @@ def test_scheduler_starts_a_run_when_enough_new_pairs(tmp_path, monkeypatch):
 
     gateway = SimpleNamespace(store=store, snapshot=snapshot,
                               catalog=Catalog({"teto": PersonaInfo("teto", "x", active=1, versions={1: "/a"})}))
-    rules, seen, build = pairs.PairRules(voter_cap=7, heldout_percent=30), [], pairs.build
-    monkeypatch.setattr(pairs, "build", lambda db, persona, r, kinds: seen.append(r) or build(db, persona, r, kinds))
+    rules = pairs.PairRules(voter_cap=7, heldout_percent=30)
     monkeypatch.setattr(scheduling, "POLL_SECONDS", 0.05)
     scheduler = Scheduler(gateway, ScheduleConfig(min_new_pairs=3, interval=0, log_dir=tmp_path, rules=rules))
     started, script = [], ["import time; time.sleep(1)"]
     scheduler.command = lambda persona, force, snapshot: started.append(snapshot) or [sys.executable, "-c", script[0]]
 
     async def scenario():
-        assert scheduler.new_pairs("teto") == 3 and seen[-1] is rules    # the recipe's rules, not the defaults
+        assert scheduler.pending("teto") == (3, 1)
+        scheduler.config.rules = pairs.PairRules(include_own_system_prompt=True)
+        assert scheduler.pending("teto") == (4, 1)                       # the recipe's rules, not the defaults
+        scheduler.config.rules = rules
         assert await scheduler.tick() == ["teto"]
         assert await scheduler.tick() == []                              # one run per persona at a time
         with pytest.raises(APIError) as busy:
@@ -206,12 +215,15 @@ def test_scheduler_starts_a_run_when_enough_new_pairs(tmp_path, monkeypatch):
         assert busy.value.status == 409
         assert await scheduler.running["teto"] == 0
         assert started == snapshots and (Path(started[0]) / "votes.parquet").is_file()  # the snapshot it took
+        later = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() + 2))  # after every vote
         store.record_run({"id": "r1", "persona": "teto", "kind": "dpo", "status": "promoted",
-                          "started_at": "2026-01-01", "train_examples": 3, "heldout_examples": 0})
-        assert scheduler.new_pairs("teto") == 0 and await scheduler.tick() == []  # nothing new since r1
+                          "started_at": later, "train_examples": 3, "heldout_examples": 0})
+        assert scheduler.pending("teto") == (0, 0) and await scheduler.tick() == []  # nothing new since r1
+        assert runs.last_trained_start(store, "teto") is not None
         scheduler.config.interval = 3600
         store.record_run({"id": "r1", "persona": "teto", "kind": "dpo", "status": "promoted",
                           "started_at": "2026-01-01", "train_examples": 0, "heldout_examples": 0})
+        assert scheduler.pending("teto")[0] == 3
         assert await scheduler.tick() == []                              # enough pairs, but inside the interval
         # A run process that died cannot record its end: the scheduler records it failed.
         store.record_run({"id": "r2", "persona": "teto", "kind": "dpo", "status": "running",

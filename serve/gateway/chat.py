@@ -9,10 +9,11 @@
 ``start_turn`` resolves the persona, adds its system prompt when the caller sent
 none, takes a slot among the turns in flight (``Gateway.admit``) and sends the
 request to an engine (``Gateway.send``). The ``ChatTurn`` it returns owns the
-turn from there: it writes the turn to the store before the last chunk (or the
-response) goes out, and ``end()`` gives back the slot and the engine's response
-once, on every path. A turn that does not reach its end is logged as it stands:
-``aborted`` when its reader went away, ``error`` when the engine failed.
+turn from there: it writes the turn to the store (off the event loop) before the
+last chunk (or the response) goes out, and ``end()`` gives back the slot and the
+engine's response once, on every path. A turn that does not reach its end is
+logged as it stands, without waiting for the write: ``aborted`` when its reader
+went away, ``error`` when the engine failed.
 
 The client is whom the turn was served to (only it may rate the turn); the voter
 is whose votes on it count (``feedback.votes`` records the turn's voter): an API
@@ -22,14 +23,13 @@ of the loopback-only UI) is its own client but the same voter.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
 import httpx
 
 from feedback.errors import APIError
-from feedback.store import Turn
+from feedback.store import StoreUnavailable, Turn
 from serve.gateway.catalog import Target, UnknownModel
 from serve.gateway.core import Gateway, TurnSlot
 from serve.protocol import ChatCompletionRequest, completion_id, error_body
@@ -53,8 +53,9 @@ async def start_turn(gateway: Gateway, body: ChatCompletionRequest, client: str,
                      voter: str | None = None) -> ChatTurn:
     """Admit a chat turn and send it to an engine; raises ``APIError`` (404 unknown model or a
     version not served, 429 too many in flight, 503 no engine) with nothing held and nothing
-    recorded. ``voter`` defaults to the client. A persona under an A/B experiment may be
-    answered by its challenger (sticky per voter; ``Gateway.experiments``), and the turn
+    recorded; 503 too, before anything is generated, while the store cannot write (the turn
+    could not be recorded, nor rated). ``voter`` defaults to the client. A persona under an
+    A/B experiment may be answered by its challenger (sticky per voter; ``Gateway.experiments``), and the turn
     and the response's ``model`` then name the challenger's version."""
     try:
         target = (gateway.experiments.challenger_target(body.model, voter or client)
@@ -70,6 +71,7 @@ async def start_turn(gateway: Gateway, body: ChatCompletionRequest, client: str,
                # The caller's own system prompt replaced the persona's: the pair builder keeps
                # only turns spoken with the persona's own.
                own_system_prompt=any(m.role == "system" for m in body.messages))
+    gateway.writer.check()  # a store that cannot write: 503 before anything is generated
     turn = ChatTurn(gateway, target, row, gateway.admit(target))
     await turn.send(upstream)
     return turn
@@ -114,16 +116,20 @@ class ChatTurn:
         try:
             if self.response is not None:
                 await self.gateway.pool.finish(self.replica, self.response)
-            if save:
-                self._save()
+            if save and not self.saved:  # written as it stands, without waiting (nobody waits for it)
+                self.saved = True
+                self.row.latency_ms = self._elapsed_ms()
+                self.gateway.record_later(self.row, self.target)
         finally:
             self.slot.release()
 
-    def _save(self) -> None:
+    async def _save(self) -> None:
+        """Write the turn (off the event loop) before its answer goes out; a 503 when the
+        store cannot write (the answer could not be rated, so it is not given)."""
         if not self.saved:
             self.saved = True
             self.row.latency_ms = self._elapsed_ms()
-            self.gateway.record(self.row, self.target)
+            await self.gateway.record(self.row, self.target)
 
     def _elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -150,7 +156,7 @@ class ChatTurn:
             usage = data.get("usage") or {}
             row.prompt_tokens, row.completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
             row.status = "ok"
-            await asyncio.to_thread(self._save)  # in the store before the answer is sent
+            await self._save()  # in the store before the answer is sent
         return data
 
     async def chunks(self, include_usage: bool = False):
@@ -170,11 +176,13 @@ class ChatTurn:
                         yield chunk
                     elif usage:
                         usage_chunk = {**chunk, "usage": usage}
-                await asyncio.to_thread(self._save)  # before the response completes
+                await self._save()  # before the response completes
                 if include_usage and usage_chunk is not None:
                     yield usage_chunk
             except httpx.HTTPError as exc:
                 yield error_body(self._engine_failed(exc))
+            except StoreUnavailable as exc:  # the turn is not in the store: the stream ends with why
+                yield error_body(exc)
 
     async def _engine_chunks(self):
         """The engine's SSE events as dicts, up to its ``[DONE]`` (which makes the turn ``ok``)."""

@@ -24,6 +24,7 @@ import httpx
 from feedback import settings
 from feedback.errors import APIError
 from feedback.naming import engine_name
+from feedback.snapshot import remove_partials
 from feedback.store import Store, Turn
 from feedback.votes import Vote, record_comparison
 from serve.gateway.auth import KeyRing
@@ -32,6 +33,7 @@ from serve.gateway.engines import EnginePool, Replica, parse_error
 from serve.gateway.experiments import Experiments, RegistryActions
 from serve.gateway.metrics import Metrics
 from serve.gateway.quota import DAY, MINUTE, VoteQuota
+from serve.gateway.store_writer import StoreWriter
 from serve.gateway.vote_queue import VoteQueue
 from serve.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
@@ -93,6 +95,9 @@ class GatewayConfig:
     # Pinned versions (teto@v2) kept loaded on the engines besides the active and candidate ones;
     # past it the least recently used is unloaded (each loaded adapter holds engine memory).
     max_pinned: int = 4
+    # Seconds between two heartbeat writes of the store (StoreWriter): how soon /health sees a
+    # store that broke while idle, and how soon writing resumes once it recovers.
+    store_probe_seconds: float = 5.0
 
 
 class TurnSlot:
@@ -131,7 +136,8 @@ class Gateway:
         if not self.admin_keys.required:
             log.warning("PERSONA_ADMIN_KEY is not set: admin routes serve loopback clients only")
         self.metrics = Metrics()
-        self.votes = VoteQueue(store, self.config.vote_batch)
+        self.writer = StoreWriter(store, self.config.store_probe_seconds)  # every turn and vote write
+        self.votes = VoteQueue(store, self.config.vote_batch, run=self.writer.write)
         self.quota = VoteQuota({MINUTE: self.config.vote_quota_minute, DAY: self.config.vote_quota_day})
         self.pinned: OrderedDict[str, None] = OrderedDict()  # pinned adapters loaded, least recently used first
         self.scheduler = None  # a serve.gateway.scheduler.Scheduler when retraining is scheduled
@@ -151,6 +157,8 @@ class Gateway:
             await self.pool.ensure_loaded(target.adapter, target.path)
         await asyncio.to_thread(self.sync_store)
         await asyncio.to_thread(self.experiments.load)
+        await asyncio.to_thread(remove_partials)  # snapshots a killed process left half-written
+        self.writer.start()
         self.votes.start()
         if self.scheduler:
             self.scheduler.start()
@@ -164,6 +172,7 @@ class Gateway:
         await self.experiments.close()
         if self.scheduler:
             await self.scheduler.stop()
+        await self.writer.stop()
         await self.pool.close()
 
     def engine_failed(self, replica: Replica) -> None:
@@ -221,9 +230,19 @@ class Gateway:
             await self.prepare(target)
             return await self.pool.post_chat(upstream)
 
-    def record(self, turn: Turn, target: Target) -> None:
-        """Write a served turn to the store and count it in the metrics."""
-        self.store.add_turn(turn)
+    async def record(self, turn: Turn, target: Target) -> None:
+        """Count a served turn in the metrics and write it to the store (off the event loop;
+        a 503 ``StoreUnavailable`` when the store cannot write)."""
+        self._count(turn, target)
+        await self.writer.write(self.store.add_turn, turn)
+
+    def record_later(self, turn: Turn, target: Target) -> None:
+        """``record`` without waiting for the write: a turn that ended early (its reader went
+        away), which nobody waits for."""
+        self._count(turn, target)
+        self.writer.submit(self.store.add_turn, turn, what=f"writing turn {turn.id}")
+
+    def _count(self, turn: Turn, target: Target) -> None:
         labels = (target.persona, target.adapter)
         self.metrics.requests.labels(*labels, turn.status).inc()
         self.metrics.latency.labels(*labels).observe(turn.latency_ms / 1000)
@@ -246,7 +265,7 @@ class Gateway:
         """Record which of two answers won (the API's and the UI's side-by-side votes), within
         the quota of ``voter`` (the client unless given)."""
         self.quota.take(voter or client)
-        comparison_id = await asyncio.to_thread(record_comparison, self.store, turn_a, turn_b, choice, left, client,
+        comparison_id = await self.writer.write(record_comparison, self.store, turn_a, turn_b, choice, left, client,
                                                 user_name)
         self.experiments.notify()  # a verdict a running experiment may decide on
         return comparison_id

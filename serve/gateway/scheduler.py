@@ -1,7 +1,8 @@
 """The retrain scheduler inside the gateway: when a persona has gathered enough new
-preference pairs (counted with the recipe's own pair rules), its pairs come from at
-least the recipe's ``min_voters`` distinct voters, and its last run is at least
-``interval`` ago, it starts a run.
+preference pairs since its last run (a cheap count, ``feedback.pending``: the run
+itself builds the exact pairs with the recipe's rules), they come from at least the
+recipe's ``min_voters`` distinct voters, and its last run is at least ``interval``
+ago, it starts a run.
 
 A run is one task here, which owns it from start to end: the gateway exports a
 snapshot of its store (in a thread; this process owns the store), then starts
@@ -9,7 +10,8 @@ snapshot of its store (in a thread; this process owns the store), then starts
 serving keeps going. That process (``train/loop.py``) builds the pairs from the
 snapshot, runs the training step and the gate, and records the run and asks for
 the hot swap over this gateway's admin API. A process that exits with an error
-cannot record its own end, so the task records it as failed. One run per persona at
+cannot record its own end, so the task records it as failed (and one that failed before
+it recorded anything gets a failed record of its own, so no failure is silent). One run per persona at
 a time, and no scheduled one while the persona has an A/B experiment running (its
 candidate is the one under test; a run asked for by hand still starts).
 
@@ -29,10 +31,12 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from feedback import pairs, runs
+from feedback.pending import new_evidence
 from feedback.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -117,16 +121,12 @@ class Scheduler:
             started.append(persona)
         return started
 
-    def new_pairs(self, persona: str) -> int:
-        """DPO pairs now (by the recipe's rules), less those the persona's last run had."""
-        store = self.gateway.store
-        now = pairs.build(store, persona, self.config.rules, kinds=("dpo",))["dpo"]
-        return now - runs.examples_of_last_run(store, persona, "dpo")
-
     def pending(self, persona: str) -> tuple[int, int]:
-        """New DPO pairs (``new_pairs``), and the distinct voters of the persona's pairs."""
-        new = self.new_pairs(persona)
-        return new, pairs.built_voters(self.gateway.store, "dpo")
+        """New DPO pairs since the persona's last run that trained, and their distinct voters:
+        a count query (``feedback.pending``), not a pair build, on the live store every check."""
+        store = self.gateway.store
+        return new_evidence(store, persona, runs.last_trained_start(store, persona),
+                            self.config.rules.include_own_system_prompt)
 
     def launch(self, persona: str, force: bool = False, promotion: str | None = None) -> dict:
         """Start a run of ``persona`` (called in the event loop); answers at once, with its log.
@@ -146,15 +146,19 @@ class Scheduler:
                 "--gateway", self.config.gateway_url, "--recipe", self.config.recipe] + (["--force"] if force else [])
 
     async def _run(self, persona: str, force: bool, log_path: Path, promotion: str | None = None) -> int | None:
-        """One run: the snapshot, the run process on it, and its end when the process failed."""
+        """One run: the snapshot, the run process on it, and its end when the process failed.
+        A run that fails before it recorded itself (no snapshot, no process, a process the
+        gateway refused) is recorded here as failed, with why, so it shows in /admin/runs."""
+        started = runs.now()
         try:
             snapshot = await asyncio.to_thread(self.gateway.snapshot)
             command = self.command(persona, force, snapshot) + (["--promotion", promotion] if promotion else [])
             with open(log_path, "ab") as out:
                 proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, preexec_fn=lambda: os.nice(10))
-        except Exception:  # noqa: BLE001 - no run process, so nothing to record; say why in the log
+        except Exception as exc:  # noqa: BLE001 - no run process: the failure is recorded here
             log.exception("the retrain of %s could not start", persona)
+            await self._record_unstarted(persona, started, f"the run could not start: {exc}")
             return None
         try:
             while (code := proc.poll()) is None:
@@ -163,8 +167,32 @@ class Scheduler:
             proc.terminate()
             raise
         if code != 0:
-            log.warning("the retrain of %s exited with code %s", persona, code)
+            log.error("the retrain of %s exited with code %s (log: %s)", persona, code, log_path)
             store = self.gateway.store
-            await asyncio.to_thread(runs.close_interrupted, store, persona, store.record_run,
-                                    f"{runs.INTERRUPTED} (exit code {code})")
+            closed = await asyncio.to_thread(runs.close_interrupted, store, persona, store.record_run,
+                                             f"{runs.INTERRUPTED} (exit code {code})")
+            if not closed:  # it ended before it recorded anything
+                await self._record_unstarted(persona, started, f"the run process exited with code {code} before it "
+                                                               f"recorded the run: {last_line(log_path)} (log: {log_path})")
         return code
+
+    async def _record_unstarted(self, persona: str, started: str, message: str) -> None:
+        """Record as failed a run that never recorded itself; a store that cannot write it
+        leaves the gateway's log as the only trace (said there)."""
+        run = {"id": f"{persona}-failed-{uuid.uuid4().hex[:12]}", "persona": persona, "kind": "dpo",
+               "status": "failed", "started_at": started, "finished_at": runs.now(), "message": message}
+        try:
+            await asyncio.to_thread(self.gateway.store.record_run, run)
+        except Exception:  # noqa: BLE001 - the run's failure is in the log already
+            log.exception("the failed retrain of %s could not be recorded", persona)
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a run's log (its error message), or a placeholder."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return "(its log cannot be read)"
+    return lines[-1][:500] if lines else "(its log is empty)"

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Awaitable, Callable
 
-from feedback.store import Store
+from feedback.store import Store, StoreUnavailable
 from feedback.errors import APIError
 from feedback.votes import Vote, record_votes
 
@@ -21,8 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class VoteQueue:
-    def __init__(self, store: Store, max_batch: int = 512):
-        self.store, self.max_batch = store, max_batch
+    def __init__(self, store: Store, max_batch: int = 512, run: Callable[..., Awaitable] = asyncio.to_thread):
+        """``run(fn, *args)``: where a batch is written, off the event loop (the gateway's
+        ``StoreWriter.write``; a thread of its own by default)."""
+        self.store, self.max_batch, self.run = store, max_batch, run
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
 
@@ -36,7 +39,7 @@ class VoteQueue:
 
     async def submit(self, vote: Vote) -> str:
         if self._task is None:  # not started (no event loop of its own yet): write directly
-            result = (await asyncio.to_thread(record_votes, self.store, [vote]))[0]
+            result = (await self.run(record_votes, self.store, [vote]))[0]
         else:
             future = asyncio.get_running_loop().create_future()
             await self._queue.put((vote, future))
@@ -51,7 +54,9 @@ class VoteQueue:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                results = await asyncio.to_thread(record_votes, self.store, [v for v, _ in batch])
+                results = await self.run(record_votes, self.store, [v for v, _ in batch])
+            except StoreUnavailable as exc:  # the store cannot write: each caller hears 503, nothing acknowledged
+                results = [exc] * len(batch)
             except Exception as exc:  # the batch failed as a whole: every caller hears it
                 log.exception("writing %d votes failed", len(batch))
                 results = [exc] * len(batch)

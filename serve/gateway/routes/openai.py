@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions     persona chat (streaming too); the response id is the turn id
     GET  /v1/models               personas (teto) and pinned versions (teto@v3)
-    GET  /health                  200 when at least one engine is up (no key needed)
+    GET  /health                  200 when at least one engine is up and the store can write (no key needed)
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request):
-    status = gateway_of(request).pool.health()
-    return JSONResponse(status, status_code=200 if status["engines_up"] else 503)
+    gateway = gateway_of(request)
+    status = {**gateway.pool.health(), "store": gateway.writer.health()}
+    return JSONResponse(status, status_code=200 if status["engines_up"] and status["store"]["writable"] else 503)
 
 
 @router.get("/v1/models")
