@@ -73,6 +73,14 @@ def _count(value: str) -> int:
     return number
 
 
+def _positive(value: str) -> int:
+    # A whole number, 1 or more (a cap that cannot be turned off: 0 would mean none to Gradio).
+    number = int(value)
+    if number < 1:
+        raise ValueError("expected 1 or more")
+    return number
+
+
 def _keys(value: str) -> tuple[str, ...]:
     # Several keys may be given, separated by commas, so keys can be rotated.
     return tuple(k.strip() for k in value.split(",") if k.strip())
@@ -119,6 +127,13 @@ VARIABLES: dict[str, Var] = {
             "Most votes (thumbs and side by side) one voter may cast in a minute; more get 429; 0 = no limit."),
         Var("PERSONA_VOTE_QUOTA_DAY", _count, lambda: 2000,
             "Most votes one voter may cast in a day (24 hours); more get 429; 0 = no limit."),
+        # Caps on the browser UI (Gradio): its upload route accepts files from any page that
+        # reaches it, though no component of ours takes one, and its queue of events waiting
+        # for a slot would otherwise grow without bound.
+        Var("PERSONA_UI_MAX_UPLOAD_BYTES", _positive, lambda: 1 << 20,
+            "Largest file the browser UI's upload route accepts, in bytes; larger ones get 413."),
+        Var("PERSONA_UI_QUEUE_SIZE", _positive, lambda: 256,
+            "Most browser UI events waiting in Gradio's queue; past it an event is refused (queue full)."),
         # Interpreter of the virtual environment vLLM is installed in.
         Var("PERSONA_VLLM_PYTHON", _program, lambda: REPO_ROOT / ".venv-vllm" / "bin" / "python",
             "Python interpreter with vLLM installed (`make vllm-env` creates .venv-vllm)."),

@@ -47,7 +47,8 @@ def mount_ui(app: FastAPI, gateway: Gateway, users: tuple[tuple[str, str], ...])
         log.warning("PERSONA_UI_USERS is not set: the browser UI serves loopback clients only, without login")
         app.add_middleware(LoopbackUI)
 
-    blocks = build_ui(gateway).queue(default_concurrency_limit=gateway.config.max_in_flight)
+    blocks = build_ui(gateway).queue(default_concurrency_limit=gateway.config.max_in_flight,
+                                     max_size=settings.get("PERSONA_UI_QUEUE_SIZE"))
     # The UI's events are not an API (the OpenAI API is): private keeps them out of Gradio's API
     # description, which its login page embeds for anyone (persona names, defaults, even with
     # ?all_endpoints=true), and out of its run history.
@@ -55,6 +56,8 @@ def mount_ui(app: FastAPI, gateway: Gateway, users: tuple[tuple[str, str], ...])
         fn.api_visibility = "private"
     # blocked_paths: Gradio's file route must never serve the database, adapters or keys, whatever
     # a component points at (it serves only its own upload and cache folders already).
+    # max_file_size: its upload route takes files from anyone who reaches the UI, though no
+    # component of ours asks for one.
     gr.mount_gradio_app(app, blocks, path="/", auth=list(users) or None, footer_links=[], show_error=True,
-                        blocked_paths=[str(settings.home())],
-                        auth_message="persona-chat: log in to chat and vote.")
+                        blocked_paths=[str(settings.home())], auth_message="persona-chat: log in to chat and vote.",
+                        max_file_size=settings.get("PERSONA_UI_MAX_UPLOAD_BYTES"))

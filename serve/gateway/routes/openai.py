@@ -25,7 +25,8 @@ router = APIRouter()
 async def health(request: Request):
     gateway = gateway_of(request)
     status = {**gateway.pool.health(), "store": gateway.writer.health()}
-    return JSONResponse(status, status_code=200 if status["engines_up"] and status["store"]["writable"] else 503)
+    ok = status["engines_up"] > 0 and status["store"]["writable"]
+    return JSONResponse({**status, "status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
 
 @router.get("/v1/models")
