@@ -172,3 +172,61 @@ def test_vote_queue_commits_concurrent_votes_together(store, monkeypatch):
     assert store.query("SELECT count(*) FROM votes")[0][0] == 201
     assert store.query("SELECT count(*) FROM current_votes")[0][0] == 199
     assert sum(batches) == len(results) and len(batches) < 20  # grouped, at most 64 a batch
+
+
+def test_the_latest_vote_is_the_last_inserted_even_when_the_clock_steps_back(store, monkeypatch):
+    from datetime import datetime
+
+    from feedback import votes
+
+    store.add_turn(turn("t1"))
+    store.add_turn(turn("t2"))
+    record_vote(store, "t1", "up", "key:a")
+    record_comparison(store, "t1", "t2", "a", "a", "key:a")
+    monkeypatch.setattr(votes, "utc_now", lambda: datetime(2000, 1, 1))  # the clock went back (NTP, a restore)
+    record_vote(store, "t1", "down", "key:a")
+    record_comparison(store, "t1", "t2", "b", "a", "key:a")
+    assert store.query("SELECT vote FROM current_votes") == [("down",)]
+    assert store.query("SELECT choice FROM current_comparisons") == [("b",)]
+    assert record_vote(store, "t1", "down", "key:a") == "unchanged"   # what counts now is the later row
+    monkeypatch.setattr(votes, "utc_now", lambda: datetime(2000, 1, 1))  # and two votes in one instant
+    record_vote(store, "t1", "up", "key:a")
+    record_vote(store, "t1", "down", "key:a")
+    assert store.query("SELECT vote FROM current_votes") == [("down",)]
+
+
+def test_the_sequence_migration_numbers_old_votes_in_the_order_they_were_inserted(tmp_path):
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE schema_migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP NOT NULL)")
+    before = [m for m in MIGRATIONS if m[0] < "0009"]
+    for name, sql in before:
+        con.execute(sql)
+        con.execute("INSERT INTO schema_migrations VALUES (?, now())", [name])
+    for vote, at in (("up", "2026-01-02"), ("down", "2026-01-01")):  # the later row has the earlier clock
+        con.execute("INSERT INTO votes (turn_id, choice_index, client, vote, created_at, voter) "
+                    "VALUES ('t1', 0, 'c', ?, ?, 'c')", [vote, at])
+    con.close()
+    store = Store.open(path)
+    try:
+        assert store.query("SELECT vote, seq FROM votes ORDER BY seq") == [("up", 1), ("down", 2)]
+        assert store.query("SELECT vote FROM current_votes") == [("down",)]
+    finally:
+        store.close()
+
+
+def test_a_failed_snapshot_leaves_no_partial_folder_and_stale_ones_are_removed(store, tmp_path, monkeypatch):
+    from feedback import snapshot
+    from feedback import store as store_module
+
+    folder = snapshot.snapshots_dir()
+    stale = folder / ".20260101-000000-000000001.partial"
+    stale.mkdir(parents=True)
+    (stale / "turns.parquet").write_bytes(b"half")
+    monkeypatch.setattr(store_module, "SNAPSHOT_TABLES", ("turns", "no_such_table"))
+    with pytest.raises(duckdb.CatalogException):
+        store.snapshot(folder / "s1")
+    assert sorted(p.name for p in folder.iterdir()) == [stale.name]   # its own partial folder is gone
+    assert snapshot.remove_partials() == [stale] and list(folder.iterdir()) == []
+    monkeypatch.undo()
+    assert (store.snapshot(folder / "s2") / "votes.parquet").is_file()

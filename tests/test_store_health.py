@@ -45,8 +45,11 @@ class FullDisk:
 @pytest.fixture(scope="module")
 def s(tiny_model_dir, tmp_path_factory):
     # A probe every 0.2 s: the recovery is seen at once. No vote quota: one key votes a lot.
-    with stack("embedded", tiny_model_dir, tmp_path_factory.mktemp("store"), store_probe_seconds=0.2,
-               vote_quota_minute=0, vote_quota_day=0) as running:
+    root = tmp_path_factory.mktemp("store")
+    (root / "home" / "snapshots" / ".20260101-000000-000000001.partial").mkdir(parents=True)  # a killed snapshot's
+    with stack("embedded", tiny_model_dir, root, store_probe_seconds=0.2, vote_quota_minute=0,
+               vote_quota_day=0) as running:
+        running.root = root
         yield running
 
 
@@ -143,3 +146,10 @@ def test_a_held_store_lock_does_not_stop_the_event_loop(s):
     while (row := s.store.turn(turn_id)) is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert row is not None and row.status == "aborted"
+
+
+def test_snapshot_folders_a_killed_process_left_are_removed_at_start(s):
+    folder = s.root / "home" / "snapshots"
+    assert not list(folder.glob(".*.partial"))
+    made = httpx.post(s.url + "/admin/snapshot", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    assert made.status_code == 200 and [p.name for p in folder.iterdir()] == [made.json()["path"].split("/")[-1]]

@@ -114,7 +114,8 @@ class GatewayClient:
         while time.monotonic() < deadline:
             time.sleep(2)
             last = self.http.get("/admin/runs", params={"persona": persona, "limit": 1}).json()["runs"]
-            if last and str(last[0]["started_at"]) >= since and last[0]["status"] in runs.FINISHED:
+            # JSON gives ISO time ("2026-01-02T10:00:00"); ``since`` is runs.now()'s "2026-01-02 10:00:00".
+            if last and str(last[0]["started_at"]).replace("T", " ") >= since and last[0]["status"] in runs.FINISHED:
                 return last[0]
         raise UserError(f"no finished run of {persona} after {timeout:.0f} s")
 

@@ -1,0 +1,95 @@
+"""Key files everywhere: with the keys only in PERSONA_API_KEY_FILE and PERSONA_ADMIN_KEY_FILE,
+a retrain asked for from the CLI runs in the gateway's scheduler, reaches the gateway at the
+address it is bound to (a loopback address other than 127.0.0.1), records itself and is
+seen by the CLI; and a run that fails before it records itself is recorded as failed, with
+why. A real `persona up` on the tiny model, a real DuckDB file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+
+from test_cli import persona
+from test_faults import home
+from test_loop import tiny_home  # noqa: F401 - the fixture: persona 'tiny' with an active v1
+
+HOST = "127.0.0.2"  # loopback, but not 127.0.0.1: a gateway bound here does not answer there
+
+
+def seed_comparisons(n: int = 40) -> None:
+    """``n`` side-by-side verdicts for the short answer, in the store before the gateway opens it."""
+    from feedback.store import Store, Turn
+    from feedback.votes import record_comparison
+
+    store = Store.open(home() / "feedback.duckdb")
+    try:
+        for i in range(n):
+            for side, answer in (("a", "Do it now."), ("b", "Well, there is a lot one could say about it first.")):
+                store.add_turn(Turn(id=f"t{i}{side}", requested_model="tiny",
+                                    messages=[{"role": "system", "content": "Be short."},
+                                              {"role": "user", "content": f"question {i}?"}],
+                                    answers=[answer], finish_reasons=["stop"], sampling={}, stream=False,
+                                    latency_ms=1, client="c", persona="tiny", adapter="tiny-v1", adapter_version=1))
+            record_comparison(store, f"t{i}a", f"t{i}b", "a", "a", "c")
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def gateway_on(host: str, env: dict, log, *extra: str):
+    from serve.processes import free_port, wait_for
+
+    port = free_port()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "up", "--host", host, "--port", str(port), *extra],
+                                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://{host}:{port}"
+    try:
+        wait_for(url, proc, 300, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_retrain_works_with_key_files_only(tiny_home, tmp_path):
+    api_file, admin_file = tmp_path / "api-keys", tmp_path / "admin-keys"
+    api_file.write_text("api-from-file\n")
+    admin_file.write_text("# operators\nadmin-from-file\n")
+    env = {**tiny_home, "PERSONA_API_KEY": "", "PERSONA_ADMIN_KEY": "", "PERSONA_API_KEY_FILE": str(api_file),
+           "PERSONA_ADMIN_KEY_FILE": str(admin_file)}
+    recipe = tmp_path / "quick.yaml"
+    recipe.write_text("epochs: 1\nmin_voters: 1\npromotion: gate\n")  # one voter made the pairs
+    seed_comparisons()
+    with gateway_on(HOST, env, tmp_path / "up.log", "--retrain-recipe", str(recipe)) as url:
+        assert httpx.post(url + "/admin/snapshot").status_code == 401  # keys are required here
+        done = persona("retrain", "--persona", "tiny", "--gateway", url, "--wait", "--timeout", "600",
+                       env=env, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        admin = {"Authorization": "Bearer admin-from-file"}
+        run = httpx.get(url + "/admin/runs", params={"persona": "tiny"}, headers=admin).json()["runs"][0]
+        # It trained, and recorded its start and its end through the admin API, with the file's key.
+        assert run["status"] in ("promoted", "rejected") and run["train_examples"] > 0, run
+        assert run["finished_at"] is not None
+
+        recipe.unlink()  # the next run process fails before it records anything
+        failed = persona("retrain", "--persona", "tiny", "--gateway", url, "--wait", "--timeout", "120",
+                         env=env, timeout=300)
+        assert failed.returncode == 1, failed.stderr[-3000:]
+        run = httpx.get(url + "/admin/runs", params={"persona": "tiny"}, headers=admin).json()["runs"][0]
+        assert run["status"] == "failed", run
+        assert "exited with code 2 before it recorded the run" in run["message"]
+        assert "quick.yaml" in run["message"], run["message"]           # the run's own one-line error
+    assert "exited with code 2" in (tmp_path / "up.log").read_text()     # and the gateway's log says so
