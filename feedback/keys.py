@@ -29,23 +29,26 @@ def read_key_file(path: Path) -> tuple[str, ...]:
     return tuple(line for line in lines if line)
 
 
-def client_key(kind: str) -> str | None:
-    """The key a command sends for ``kind``: the variable's first, else the key file's first
-    (an unreadable file is said once in the log and gives none: the gateway then answers 401)."""
+def configured_keys(kind: str) -> tuple[str, ...]:
+    """Every key of ``kind`` the settings give: the variable's, then the key file's (an
+    unreadable file is said in the log and gives none: the gateway then answers 401)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     keys = settings.get(f"PERSONA_{kind}_KEY")
-    if keys:
-        return keys[0]
     path = settings.get(f"PERSONA_{kind}_KEY_FILE")
     if path is None:
-        return None
+        return keys
     try:
-        from_file = read_key_file(path)
+        return keys + read_key_file(path)
     except (OSError, UnicodeDecodeError) as exc:
         log.warning("key file %s cannot be read (%s)", path, type(exc).__name__)
-        return None
-    return from_file[0] if from_file else None
+        return keys
+
+
+def client_key(kind: str) -> str | None:
+    """The key a command sends for ``kind``: the variable's first, else the key file's first."""
+    keys = configured_keys(kind)
+    return keys[0] if keys else None
 
 
 def bearer_header(kind: str) -> dict[str, str]:

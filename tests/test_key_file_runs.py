@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 
@@ -71,8 +72,11 @@ def test_a_retrain_works_with_key_files_only(tiny_home, tmp_path):
     env = {**tiny_home, "PERSONA_API_KEY": "", "PERSONA_ADMIN_KEY": "", "PERSONA_API_KEY_FILE": str(api_file),
            "PERSONA_ADMIN_KEY_FILE": str(admin_file)}
     recipe = tmp_path / "quick.yaml"
-    recipe.write_text("epochs: 1\nmin_voters: 1\npromotion: gate\n")  # one voter made the pairs
-    seed_comparisons()
+    # One voter made the pairs; a small run (no reward model, no anchor, short sanity answers):
+    # the run process is niced, on a machine that may be busy.
+    recipe.write_text("epochs: 1\nmin_voters: 1\npromotion: gate\nreward_model: none\npersona_anchor: 0\n"
+                      "rpo_alpha: 0\nmax_new_pairs: 12\nsanity_max_tokens: 8\n")
+    seed_comparisons(12)
     with gateway_on(HOST, env, tmp_path / "up.log", "--retrain-recipe", str(recipe)) as url:
         assert httpx.post(url + "/admin/snapshot").status_code == 401  # keys are required here
         done = persona("retrain", "--persona", "tiny", "--gateway", url, "--wait", "--timeout", "600",
@@ -85,11 +89,50 @@ def test_a_retrain_works_with_key_files_only(tiny_home, tmp_path):
         assert run["finished_at"] is not None
 
         recipe.unlink()  # the next run process fails before it records anything
-        failed = persona("retrain", "--persona", "tiny", "--gateway", url, "--wait", "--timeout", "120",
-                         env=env, timeout=300)
+        for _ in range(60):  # the first run's process may still be exiting after its record (409 meanwhile)
+            failed = persona("retrain", "--persona", "tiny", "--gateway", url, "--wait", "--timeout", "120",
+                             env=env, timeout=300)
+            if "already running" not in failed.stderr:
+                break
+            time.sleep(1)
         assert failed.returncode == 1, failed.stderr[-3000:]
         run = httpx.get(url + "/admin/runs", params={"persona": "tiny"}, headers=admin).json()["runs"][0]
         assert run["status"] == "failed", run
         assert "exited with code 2 before it recorded the run" in run["message"]
         assert "quick.yaml" in run["message"], run["message"]           # the run's own one-line error
     assert "exited with code 2" in (tmp_path / "up.log").read_text()     # and the gateway's log says so
+
+
+def test_commands_take_keys_from_the_key_files(tmp_path, monkeypatch):
+    from feedback import keys
+    from train import simulate
+    from train.loop import bearer
+
+    admin_file, api_file = tmp_path / "admin-keys", tmp_path / "api-keys"
+    admin_file.write_text("# operators\n\nadmin-1  # alice\nadmin-2\n")
+    api_file.write_text("api-1\napi-2\napi-3\n")
+    monkeypatch.delenv("PERSONA_ADMIN_KEY", raising=False)
+    monkeypatch.delenv("PERSONA_API_KEY", raising=False)
+    assert bearer("PERSONA_ADMIN_KEY") == {}
+    monkeypatch.setenv("PERSONA_ADMIN_KEY_FILE", str(admin_file))
+    monkeypatch.setenv("PERSONA_API_KEY_FILE", str(api_file))
+    assert bearer("PERSONA_ADMIN_KEY") == {"Authorization": "Bearer admin-1"}
+    monkeypatch.setenv("PERSONA_ADMIN_KEY", "from-env")                  # the variable comes first
+    assert keys.configured_keys("ADMIN") == ("from-env", "admin-1", "admin-2")
+    assert bearer("PERSONA_ADMIN_KEY") == {"Authorization": "Bearer from-env"}
+    assert [[h["Authorization"] for h in r] for r in simulate.rater_keys(2)] == [["Bearer api-1", "Bearer api-3"],
+                                                                                ["Bearer api-2"]]
+    admin_file.unlink()                                                   # a missing file gives no key
+    monkeypatch.delenv("PERSONA_ADMIN_KEY")
+    assert keys.client_key("ADMIN") is None
+
+
+def test_runs_reach_the_gateway_at_its_bound_address():
+    from serve.processes import url_of
+
+    assert url_of("0.0.0.0", 7860) == "http://127.0.0.1:7860"
+    assert url_of("::", 7860) == "http://[::1]:7860"
+    assert url_of("127.0.0.2", 80) == "http://127.0.0.2:80"
+    assert url_of("10.1.2.3", 7860) == "http://10.1.2.3:7860"
+    assert url_of("[fe80::1]", 7860) == "http://[fe80::1]:7860"
+    assert url_of("gw.internal", 7860) == "http://gw.internal:7860"

@@ -46,8 +46,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from feedback import runs, settings
+from feedback import runs
 from feedback.errors import UserError
+from feedback.keys import configured_keys
 from train.loop import GatewayClient, error_message
 
 console = Console()
@@ -89,16 +90,16 @@ class Rater:
 
 
 def rater_keys(count: int) -> list[list[dict]]:
-    """The Authorization headers of each rater: the keys of PERSONA_API_KEY dealt in turn
-    (rater i gets keys i, i + count, ...). A single rater may go without a key (a loopback
-    client of a gateway that has none)."""
-    keys = list(settings.get("PERSONA_API_KEY"))
+    """The Authorization headers of each rater: the keys of PERSONA_API_KEY, then those of
+    PERSONA_API_KEY_FILE, dealt in turn (rater i gets keys i, i + count, ...). A single rater
+    may go without a key (a loopback client of a gateway that has none)."""
+    keys = list(configured_keys("API"))
     if count == 1 and not keys:
         return [[{}]]
     if len(keys) < count:
         raise UserError(f"{count} raters vote as {count} voters at least, one API key each, but PERSONA_API_KEY "
-                        f"has {len(keys)}: give it {count} keys or more, comma-separated (the gateway must "
-                        "accept them)")
+                        f"and PERSONA_API_KEY_FILE have {len(keys)}: give them {count} keys or more (the gateway "
+                        "must accept them)")
     return [[{"Authorization": f"Bearer {key}"} for key in keys[i::count]] for i in range(count)]
 
 
