@@ -10,10 +10,18 @@ snapshot of its store (in a thread; this process owns the store), then starts
 serving keeps going. That process (``train/loop.py``) builds the pairs from the
 snapshot, runs the training step and the gate, and records the run and asks for
 the hot swap over this gateway's admin API. A process that exits with an error
-cannot record its own end, so the task records it as failed (and one that failed before
-it recorded anything gets a failed record of its own, so no failure is silent). One run per persona at
-a time, and no scheduled one while the persona has an A/B experiment running (its
-candidate is the one under test; a run asked for by hand still starts).
+cannot record its own end, so the task records it as failed; one that failed before
+it recorded anything gets a failed record of its own, so no failure is silent. One
+run per persona at a time, and no scheduled one while the persona has an A/B
+experiment running (its candidate is the one under test; a run asked for by hand
+still starts).
+
+The run process reaches this gateway at ``gateway_url``, the address it is bound to
+(``serve.processes.url_of``), with the admin key of the environment it inherits: the
+variable's, else the key file's (``feedback.keys``). A token of the gateway's own for
+its children would be a second admin credential to guard; the key file is the one
+the operator already manages, re-read per request, so a run uses what the gateway
+accepts.
 
 Each tick also reads the running A/B experiments (``Gateway.experiments``), so one whose
 time limit passed is decided even when no vote comes; that happens with the scheduled
@@ -36,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from feedback import pairs, runs
-from feedback.pending import new_evidence
 from feedback.errors import APIError
+from feedback.pending import new_evidence
 
 log = logging.getLogger(__name__)
 
