@@ -55,8 +55,9 @@ async def start_turn(gateway: Gateway, body: ChatCompletionRequest, client: str,
     version not served, 429 too many in flight, 503 no engine) with nothing held and nothing
     recorded; 503 too, before anything is generated, while the store cannot write (the turn
     could not be recorded, nor rated). ``voter`` defaults to the client. A persona under an
-    A/B experiment may be answered by its challenger (sticky per voter; ``Gateway.experiments``), and the turn
-    and the response's ``model`` then name the challenger's version."""
+    A/B experiment may be answered by its challenger (sticky per voter;
+    ``Gateway.experiments``), and the turn and the response's ``model`` then name the
+    challenger's version."""
     try:
         target = (gateway.experiments.challenger_target(body.model, voter or client)
                   or gateway.catalog.resolve(body.model))
