@@ -238,9 +238,10 @@ def own_stack():
 
     key, port = secrets.token_hex(16), free_port()
     database = Path(tempfile.mkdtemp(prefix="bench-load-")) / "feedback.duckdb"
-    # Loopback clients only, so every vote is one voter's: the vote quota is off here.
+    # Loopback clients only, so every user is one client and every vote one voter's: the vote
+    # quota and the per-client share are off here (only --max-in-flight bounds the users).
     no_keys = {"PERSONA_API_KEY": "", "PERSONA_ADMIN_KEY": "", "PERSONA_VOTE_QUOTA_MINUTE": "0",
-               "PERSONA_VOTE_QUOTA_DAY": "0"}
+               "PERSONA_VOTE_QUOTA_DAY": "0", "PERSONA_KEY_MAX_IN_FLIGHT": "0", "PERSONA_KEY_REQUESTS_MINUTE": "0"}
     console.print("starting the embedded engine and the gateway ...")
     try:
         with persona_process(engine_args(port, 2048), port, log_file("bench-engine"),

@@ -15,7 +15,8 @@ from __future__ import annotations
 # OpenAI's error types by status; a status not listed is a server error.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "invalid_request_error", 408: "invalid_request_error", 409: "invalid_request_error",
-               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+               413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
+               429: "rate_limit_error",
                503: "server_error"}
 
 

@@ -81,6 +81,35 @@ def _positive(value: str) -> int:
     return number
 
 
+def _seconds(value: str) -> float:
+    # A duration in seconds, above 0.
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise ValueError("expected a number of seconds above 0")
+    return number
+
+
+# The names a loopback gateway is reached by. Not 'localhost.' or '*.localhost': a page can
+# only rebind a name it owns, and these are the names browsers resolve to loopback themselves.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _names(value: str) -> tuple[str, ...]:
+    # Host names without ports, lower case; IPv6 addresses with or without brackets.
+    return tuple(n.strip().lower().strip("[]") for n in value.split(",") if n.strip())
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    # scheme://host[:port], as browsers send them in the Origin header (no path, no trailing slash).
+    origins = []
+    for item in (o.strip().rstrip("/").lower() for o in value.split(",") if o.strip()):
+        scheme, sep, rest = item.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+            raise ValueError(f"{item!r} is not an origin such as https://chat.example.com")
+        origins.append(item)
+    return tuple(origins)
+
+
 def _keys(value: str) -> tuple[str, ...]:
     # Several keys may be given, separated by commas, so keys can be rotated.
     return tuple(k.strip() for k in value.split(",") if k.strip())
@@ -134,6 +163,26 @@ VARIABLES: dict[str, Var] = {
             "Largest file the browser UI's upload route accepts, in bytes; larger ones get 413."),
         Var("PERSONA_UI_QUEUE_SIZE", _positive, lambda: 256,
             "Most browser UI events waiting in Gradio's queue; past it an event is refused (queue full)."),
+        # Fair sharing of the chat slots between clients (an API key, a loopback address without
+        # keys, a browser session): one client cannot take every slot of --max-in-flight.
+        Var("PERSONA_KEY_MAX_IN_FLIGHT", _count, lambda: 32,
+            "Most chat choices one client (API key) may have in flight at once (n counts as n); "
+            "more get 429 with Retry-After; 0 = no limit."),
+        Var("PERSONA_KEY_REQUESTS_MINUTE", _count, lambda: 600,
+            "Most chat requests one client (API key) may send in a minute; more get 429 with Retry-After; "
+            "0 = no limit."),
+        # Slow clients: what a caller may hold without sending anything.
+        Var("PERSONA_BODY_TIMEOUT", _seconds, lambda: 30.0,
+            "Seconds a request's body may take to arrive; a slower one gets 408 and its connection is closed."),
+        Var("PERSONA_KEEP_ALIVE_TIMEOUT", _seconds, lambda: 5.0,
+            "Seconds an idle keep-alive connection stays open between two requests."),
+        # Browsers: which names the gateway answers to, and which other pages may call it.
+        Var("PERSONA_ALLOWED_HOSTS", _names, lambda: LOOPBACK_NAMES,
+            "Comma-separated host names (or addresses) a request's Host header may name, besides the "
+            "address `persona up --host` binds to; '*' allows any. Guards against DNS rebinding."),
+        Var("PERSONA_ALLOWED_ORIGINS", _origins, lambda: (),
+            "Comma-separated origins (https://chat.example.com) whose pages may call the gateway besides "
+            "its own; a request with any other Origin header gets 403."),
         # Interpreter of the virtual environment vLLM is installed in.
         Var("PERSONA_VLLM_PYTHON", _program, lambda: REPO_ROOT / ".venv-vllm" / "bin" / "python",
             "Python interpreter with vLLM installed (`make vllm-env` creates .venv-vllm)."),

@@ -84,6 +84,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-scheduler", action="store_true", help="no scheduled retraining")
     parser.add_argument("--max-in-flight", type=int, default=64,
                         help="chat requests served at once; more get 429 with Retry-After at once")
+    parser.add_argument("--forwarded-allow-ips", default="",
+                        help="comma-separated addresses of reverse proxies whose X-Forwarded-For and "
+                             "X-Forwarded-Proto headers are believed (default: none, not even loopback's)")
     parser.add_argument("--drain-seconds", type=float, default=30.0,
                         help="on SIGTERM, how long running requests may take to finish (new ones get 503)")
     parser.add_argument("--retrain-recipe", default="dpo", help="preference recipe of the runs (name or YAML file)")
@@ -149,6 +152,7 @@ def up(args) -> None:
     from feedback.store import Store
     from serve.gateway.app import create_gateway_app
     from serve.gateway.core import Gateway, GatewayConfig
+    from serve.gateway.edge import server_options, with_bind_host
 
     _check_port_free(args.host, args.port)
     reconcile_registry()
@@ -162,7 +166,9 @@ def up(args) -> None:
         gateway = Gateway(load_catalog, pool, store, GatewayConfig(
             api_keys=settings.get("PERSONA_API_KEY"), admin_keys=settings.get("PERSONA_ADMIN_KEY"),
             vote_batch=max(1, args.vote_batch), max_in_flight=max(1, args.max_in_flight),
-            shutdown_timeout=args.drain_seconds), registry=registry_actions())
+            shutdown_timeout=args.drain_seconds, allowed_hosts=with_bind_host(allowed_hosts(args.host), args.host),
+            forwarded_allow_ips=tuple(ip.strip() for ip in args.forwarded_allow_ips.split(",") if ip.strip())),
+            registry=registry_actions())
         err.print(f"gateway on http://{args.host}:{args.port}/v1 (personas: "
                   f"{', '.join(t.model_id for t in catalog.active_targets())}); database {store.path}")
         # uvicorn re-raises the SIGTERM it handled once it has shut down; as an exception
@@ -183,7 +189,21 @@ def up(args) -> None:
         err.print(f"browser UI on http://{args.host}:{args.port}/")
         from serve.gateway.drain import DrainingServer
 
-        DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"), gateway).run()
+        DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                      **server_options(gateway.config)), gateway).run()
+
+
+def allowed_hosts(bind: str) -> tuple[str, ...]:
+    """PERSONA_ALLOWED_HOSTS, with a warning when the gateway listens on every address but
+    answers only to loopback names (a remote browser or client asking for this machine by
+    its name would get 403)."""
+    from serve.gateway.edge import WILDCARD_BINDS
+
+    hosts = settings.get("PERSONA_ALLOWED_HOSTS")
+    if bind.strip("[]") in WILDCARD_BINDS and hosts == settings.LOOPBACK_NAMES:
+        err.print(f"[yellow]listening on {bind}, but PERSONA_ALLOWED_HOSTS allows only loopback names "
+                  f"({', '.join(hosts)}): set it to the names clients use for this machine (or '*')[/]")
+    return hosts
 
 
 def _check_port_free(host: str, port: int) -> None:

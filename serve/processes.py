@@ -44,12 +44,13 @@ def url_of(host: str, port: int) -> str:
     return f"http://[{literal}]:{port}" if literal.version == 6 else f"http://{literal}:{port}"
 
 
-def serve_in_thread(app) -> tuple[str, object]:
-    """Serve an ASGI app on a free loopback port from a daemon thread; returns (url, server)."""
+def serve_in_thread(app, **options) -> tuple[str, object]:
+    """Serve an ASGI app on a free loopback port from a daemon thread; returns (url, server).
+    ``options``: more of uvicorn's (the gateway's ``edge.server_options``)."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120

@@ -25,6 +25,10 @@ MAX_MESSAGES = 256
 MAX_MESSAGE_CHARS = 32_000
 MAX_N = 8
 MAX_STOP = 4
+# Characters per stop string. The engine looks for every stop in each row's text at every token
+# (and holds back a tail that may begin one), so its cost grows with the stops' length for every
+# user of the batch: 4 KB stops cost about 2 ms per row per token. Real stops are a few characters.
+MAX_STOP_CHARS = 128
 MAX_TOKENS_LIMIT = 4096
 # vLLM's repetition_penalty (1: off) accepts any value above 0. Past 2 the text breaks down (a
 # model that may not repeat a token it has seen, the prompt's included), and a denormal one
@@ -117,9 +121,13 @@ class ChatCompletionRequest(BaseModel):
             return []
         stops = [value] if isinstance(value, str) else value
         if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
+            raise ValueError(f"at most {MAX_STOP} stop sequences; {len(stops)} given")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
+        for i, s in enumerate(stops):
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters; "
+                                 f"stop[{i}] has {len(s)}")
         return [_no_controls(s) for s in stops]
 
     def completion_limit(self, default: int) -> int:

@@ -78,6 +78,7 @@ def stack(kind: str, base_dir: Path, root: Path, **config):
     from feedback.store import Store
     from serve.gateway.app import create_gateway_app
     from serve.gateway.core import Gateway, GatewayConfig
+    from serve.gateway.edge import server_options
     from serve.gateway.engines import EnginePool
 
     # The stack has its own PERSONA_HOME (root/home) while it runs: its adapters and database
@@ -93,7 +94,7 @@ def stack(kind: str, base_dir: Path, root: Path, **config):
         with engine(kind, base_dir, list(adapters.values()), root) as (engine_url, key, max_len):
             gateway = Gateway(lambda: state["catalog"], EnginePool([engine_url], api_key=key), store,
                               GatewayConfig(api_keys=(API_KEY, "second-key"), admin_keys=(ADMIN_KEY,), **config))
-            url, server = serve_in_thread(create_gateway_app(gateway))
+            url, server = serve_in_thread(create_gateway_app(gateway), **server_options(gateway.config))
             try:
                 yield Stack(url, engine_url, key, store, state, adapters, max_len, kind, gateway)
             finally:

@@ -58,7 +58,9 @@ CASES = [
     ("chat-repetition-penalty-huge", "POST", CHAT, chat(extra=', "repetition_penalty": 50'), "api", 400,
      "repetition_penalty: Input should be less than or equal to 2"),
     ("chat-too-many-stops", "POST", CHAT, chat(extra=', "stop": ["a", "b", "c", "d", "e"]'), "api", 400,
-     "at most 4 stop sequences"),
+     "at most 4 stop sequences; 5 given"),
+    ("chat-long-stop", "POST", CHAT, chat(extra=', "stop": ["ok", "%s"]' % ("s" * 129)), "api", 400,
+     "stop: a stop sequence may have at most 128 characters; stop[1] has 129"),
     ("chat-invalid-utf8", "POST", CHAT, chat('"caf"').replace(b"caf", b"caf\xe9"), "api", 400, "not valid UTF-8"),
     ("chat-nul-escaped", "POST", CHAT, chat('"a\\u0000b"'), "api", 400, "messages.0.content: contains the control "
      "character U+0000"),
@@ -207,3 +209,12 @@ def test_denormal_sampling_values_are_served(s):
                        json={"model": "teto", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}],
                              **sampling})
         assert r.status_code == 200, (sampling, r.text)
+
+
+def test_the_engine_refuses_long_stops_too(s):
+    """The stop caps live in the protocol models, which the engine validates with as well: a
+    client that reaches an engine directly cannot slow every row of its batch either."""
+    body = {"model": "base", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 4096]}
+    r = httpx.post(s.engine_url + CHAT, json=body, headers={"Authorization": f"Bearer {s.engine_key}"}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "stop" and "at most 128 characters" in r.json()["error"]["message"]

@@ -54,19 +54,27 @@ def create_app(engine: EmbeddedEngine, on_start: Callable[[], Awaitable[None]] |
     app = FastAPI(title="persona-chat embedded engine", lifespan=lifespan)
     app.state.engine = engine
     if api_key:
-        expected = f"Bearer {api_key}".encode()
-
-        @app.middleware("http")
-        async def _key(request: Request, call_next):
-            given = request.headers.get("authorization", "").encode()
-            if request.url.path != "/health" and not hmac.compare_digest(given, expected):
-                return error_response(engine_error(401, "Unauthorized"))
-            return await call_next(request)
-
+        app.add_middleware(BearerKey, api_key=api_key)
     for error_type in (APIError, RequestValidationError):
         app.add_exception_handler(error_type, caller_error)
     app.include_router(router)
     return app
+
+
+class BearerKey:
+    """Every route but ``/health`` needs ``Authorization: Bearer KEY``. Plain ASGI, not
+    ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware hides the client's disconnect
+    from the route, and a request whose caller hung up must stop decoding (``_watch_disconnect``)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope.get("headers", ())).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                return await error_response(engine_error(401, "Unauthorized"))(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 async def caller_error(request: Request, exc: Exception):

@@ -1,5 +1,6 @@
 """The gateway's HTTP app: the routers of ``routes/`` (their docstrings list the routes),
-one error handler, the browser UI at ``/`` and the drain middleware.
+one error handler, the browser UI at ``/``, the edge's guards (``edge.py``: Host, Origin,
+body deadline) and the drain middleware.
 
     app = create_gateway_app(gateway)            # served by uvicorn (persona up)
 
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from feedback.errors import APIError
 from serve.gateway.core import Gateway
 from serve.gateway.drain import Draining
+from serve.gateway.edge import BodyDeadline, BrowserGuard
 from serve.gateway.routes.admin import router as admin_routes
 from serve.gateway.routes.feedback import router as feedback_routes
 from serve.gateway.routes.openai import router as openai_routes
@@ -55,20 +57,30 @@ def create_gateway_app(gateway: Gateway, ui: bool = True, ui_users: tuple[tuple[
         from serve.ui.mount import mount_ui
 
         mount_ui(app, gateway, ui_users)
+    app.add_middleware(BodyDeadline, gateway=gateway)
+    app.add_middleware(BrowserGuard, gateway=gateway)  # before anything reads the body
     app.add_middleware(Draining, gateway=gateway)  # outermost: refuses new requests while draining
     return app
 
 
 async def caller_error(request: Request, exc: Exception):
-    """Every error in OpenAI's shape, counted by route and status: an ``APIError`` as it is, a
+    """Every error in OpenAI's shape, counted by route template and status: an ``APIError`` as it is, a
     query parameter FastAPI could not parse (``?limit=abc``) as a 400, anything else a 500."""
     if isinstance(exc, RequestValidationError):
         exc = invalid_request(exc.errors(), skip=1)
     elif not isinstance(exc, APIError):
         log.error("unexpected error on %s", request.url.path, exc_info=exc)
         exc = APIError(500, "The server had an error while processing your request.")
-    request.app.state.gateway.metrics.errors.labels(request.url.path, str(exc.status)).inc()
+    request.app.state.gateway.metrics.errors.labels(route_label(request), str(exc.status)).inc()
     return error_response(exc)
+
+
+def route_label(request: Request) -> str:
+    """The matched route's template (``/v1/{path:path}`` for any unknown path under /v1), or
+    ``unknown``: never the raw path, which a caller without a key could vary without bound,
+    making a new metrics series each time."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unknown"
 
 
 async def unknown_route(request: Request, path: str):

@@ -23,12 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def is_loopback(host: str | None) -> bool:
+    """Whether a client's address is a loopback address. Only an address counts: a name
+    (``localhost``) is whatever a resolver or a header says it is."""
     if not host:
         return False
     try:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
-        return host == "localhost"
+        return False
 
 
 def fingerprint(key: str) -> str:

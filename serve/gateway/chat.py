@@ -7,7 +7,8 @@
         async for chunk in turn.chunks(): ...    # streaming: chunk dicts with the turn id
 
 ``start_turn`` resolves the persona, adds its system prompt when the caller sent
-none, takes a slot among the turns in flight (``Gateway.admit``) and sends the
+none, takes its slots among the turns in flight (``Gateway.admit``: ``n`` of them,
+within the client's share) and sends the
 request to an engine (``Gateway.send``). The ``ChatTurn`` it returns owns the
 turn from there: it writes the turn to the store (off the event loop) before the
 last chunk (or the response) goes out, and ``end()`` gives back the slot and the
@@ -31,7 +32,8 @@ import httpx
 from feedback.errors import APIError
 from feedback.store import StoreUnavailable, Turn
 from serve.gateway.catalog import Target, UnknownModel
-from serve.gateway.core import Gateway, TurnSlot
+from serve.gateway.core import Gateway
+from serve.gateway.slots import TurnSlot
 from serve.protocol import ChatCompletionRequest, completion_id, error_body
 
 
@@ -52,12 +54,12 @@ def _upstream(body: ChatCompletionRequest, target: Target) -> tuple[list[dict], 
 async def start_turn(gateway: Gateway, body: ChatCompletionRequest, client: str,
                      voter: str | None = None) -> ChatTurn:
     """Admit a chat turn and send it to an engine; raises ``APIError`` (404 unknown model or a
-    version not served, 429 too many in flight, 503 no engine) with nothing held and nothing
-    recorded; 503 too, before anything is generated, while the store cannot write (the turn
-    could not be recorded, nor rated). ``voter`` defaults to the client. A persona under an
-    A/B experiment may be answered by its challenger (sticky per voter;
-    ``Gateway.experiments``), and the turn and the response's ``model`` then name the
-    challenger's version."""
+    version not served, 400 an ``n`` over a limit, 429 too many in flight or over the client's
+    share, 503 no engine) with nothing held and nothing recorded; 503 too, before anything is
+    generated, while the store cannot write (the turn could not be recorded, nor rated).
+    ``voter`` defaults to the client. A persona under an A/B experiment may be answered by its
+    challenger (sticky per voter; ``Gateway.experiments``), and the turn and the response's
+    ``model`` then name the challenger's version."""
     try:
         target = (gateway.experiments.challenger_target(body.model, voter or client)
                   or gateway.catalog.resolve(body.model))
@@ -73,7 +75,7 @@ async def start_turn(gateway: Gateway, body: ChatCompletionRequest, client: str,
                # only turns spoken with the persona's own.
                own_system_prompt=any(m.role == "system" for m in body.messages))
     gateway.writer.check()  # a store that cannot write: 503 before anything is generated
-    turn = ChatTurn(gateway, target, row, gateway.admit(target))
+    turn = ChatTurn(gateway, target, row, gateway.admit(target, client, weight=body.n))
     await turn.send(upstream)
     return turn
 

@@ -34,6 +34,7 @@ from serve.gateway.experiments import Experiments, RegistryActions
 from serve.gateway.metrics import Metrics
 from serve.gateway.quota import DAY, MINUTE, VoteQuota
 from serve.gateway.store_writer import StoreWriter
+from serve.gateway.slots import Slots, TurnSlot
 from serve.gateway.vote_queue import VoteQueue
 from serve.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
@@ -92,31 +93,23 @@ class GatewayConfig:
     # Votes (thumbs and side by side) per voter a minute and a day; more get 429 (0: no limit).
     vote_quota_minute: int = field(default_factory=lambda: settings.get("PERSONA_VOTE_QUOTA_MINUTE"))
     vote_quota_day: int = field(default_factory=lambda: settings.get("PERSONA_VOTE_QUOTA_DAY"))
+    # One client's share (slots.py): answers in flight at once (n counts as n) and chat requests
+    # a minute; more get 429 with Retry-After (0: no limit).
+    key_max_in_flight: int = field(default_factory=lambda: settings.get("PERSONA_KEY_MAX_IN_FLIGHT"))
+    key_requests_minute: int = field(default_factory=lambda: settings.get("PERSONA_KEY_REQUESTS_MINUTE"))
+    # The HTTP edge (edge.py): the Host names and the other pages' origins served, how long a
+    # body may take to arrive and an idle connection may stay, whose proxy headers count.
+    allowed_hosts: tuple[str, ...] = field(default_factory=lambda: settings.get("PERSONA_ALLOWED_HOSTS"))
+    allowed_origins: tuple[str, ...] = field(default_factory=lambda: settings.get("PERSONA_ALLOWED_ORIGINS"))
+    body_timeout: float = field(default_factory=lambda: settings.get("PERSONA_BODY_TIMEOUT"))
+    keep_alive_timeout: float = field(default_factory=lambda: settings.get("PERSONA_KEEP_ALIVE_TIMEOUT"))
+    forwarded_allow_ips: tuple[str, ...] = ()  # `persona up --forwarded-allow-ips`
     # Pinned versions (teto@v2) kept loaded on the engines besides the active and candidate ones;
     # past it the least recently used is unloaded (each loaded adapter holds engine memory).
     max_pinned: int = 4
     # Seconds between two heartbeat writes of the store (StoreWriter): how soon /health sees a
     # store that broke while idle, and how soon writing resumes once it recovers.
     store_probe_seconds: float = 5.0
-
-
-class TurnSlot:
-    """A chat turn's place among the requests in flight, handed out by ``Gateway.admit``.
-
-    The slots held are the gateway's one count of turns in flight: the total (what a
-    drain waits for), per adapter (what a hot swap waits for) and the Prometheus gauge
-    are all read from it. ``release`` gives the slot back once; later calls do nothing,
-    so whichever path ends a turn may call it.
-    """
-
-    def __init__(self, held: Counter[str], adapter: str):
-        self._held, self.adapter, self.released = held, adapter, False
-        held[adapter] += 1
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self._held[self.adapter] -= 1
 
 
 class Gateway:
@@ -143,7 +136,8 @@ class Gateway:
         self.scheduler = None  # a serve.gateway.scheduler.Scheduler when retraining is scheduled
         self.experiments = Experiments(self, registry)
         self.draining = False  # set on SIGTERM: new requests get 503 while running ones finish
-        self.turns: Counter[str] = Counter()  # adapter -> chat turns in flight, kept by TurnSlot
+        self.slots = Slots(self.config)  # who may start a chat turn now (slots.py)
+        self.turns: Counter[str] = self.slots.adapters  # adapter -> slots its turns hold, kept by TurnSlot
         self.metrics.in_flight.set_function(lambda: self.in_flight)
         self._health_task: asyncio.Task | None = None
         self._recheck: asyncio.Task | None = None
@@ -193,23 +187,16 @@ class Gateway:
     # ---- chat turns --------------------------------------------------------------------
     @property
     def in_flight(self) -> int:
-        """Chat turns in flight, every adapter's together."""
+        """Slots held by the chat turns in flight (a turn holds its ``n``), every adapter's together."""
         return sum(self.turns.values())
 
-    def admit(self, target: Target) -> TurnSlot:
-        """A slot for one chat turn, or at once a 429 with Retry-After past ``max_in_flight``:
-        waiting in the engine's queue would only make the time to first token grow."""
-        limit = self.config.max_in_flight
-        if self.in_flight >= limit:
-            raise APIError(429, f"Too many requests in flight (limit {limit}); retry shortly.",
-                           headers=self.retry_after())
-        return TurnSlot(self.turns, target.adapter)
+    def admit(self, target: Target, client: str, weight: int = 1) -> TurnSlot:
+        """Slots for one chat turn of ``client`` (``weight``: its ``n``), or at once a 429 with
+        Retry-After past ``max_in_flight`` or the client's share (``slots.py``)."""
+        return self.slots.admit(target.adapter, client, weight)
 
     def retry_after(self) -> dict[str, str]:
-        """The header that tells a refused caller when to come back. A constant, not an estimate:
-        with N requests in flight a slot frees every (request latency / N) seconds, under a second
-        at any useful N, and Retry-After counts whole seconds."""
-        return {"Retry-After": str(self.config.retry_after)}
+        return self.slots.retry_after()
 
     async def send(self, target: Target, upstream: dict) -> tuple[Replica, httpx.Response]:
         """Send a chat request to an engine that has the target's adapter; the replica and its

@@ -25,7 +25,7 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("persona_tokens", "Tokens processed", labels + ["kind"], registry=self.registry)
         # Read from the gateway's turn slots when scraped (Gateway sets its function), not kept here.
-        self.in_flight = Gauge("persona_in_flight_requests", "Chat requests being answered",
+        self.in_flight = Gauge("persona_in_flight_requests", "Chat answers being decoded (a request with n counts n)",
                                registry=self.registry)
 
     def render(self) -> bytes:

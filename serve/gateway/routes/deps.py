@@ -50,10 +50,27 @@ async def admin_client(request: Request) -> str:
 ApiClient = Annotated[str, Depends(api_client)]
 
 
+def json_content_type(request: Request, optional: bool) -> None:
+    """A JSON route takes ``Content-Type: application/json`` (a charset may follow), or a 415.
+    A browser page on another site can send a ``text/plain`` or form body to any address
+    without asking first (CORS lets "simple" requests through); a JSON body it cannot.
+    ``optional``: an action without arguments may also come with no body and no type."""
+    given = request.headers.get("content-type")
+    if given is None and optional and request.headers.get("content-length") in (None, "0") \
+            and "transfer-encoding" not in request.headers:
+        return
+    if (given or "").split(";", 1)[0].strip().lower() != "application/json":
+        shown = f"'{given}'" if given else "none"
+        raise APIError(415, f"This route takes a JSON body sent with 'Content-Type: application/json'; "
+                            f"the request's content type is {shown}.", param="Content-Type",
+                       code="unsupported_media_type")
+
+
 async def read_json(request: Request, model: type[M], limit: int, optional: bool = False) -> M:
-    """The request's body as ``model``: at most ``limit`` bytes (413 past it, counted while
-    reading), UTF-8 and JSON that validates (400 naming the field). ``optional``: an empty
-    body is ``model()``."""
+    """The request's body as ``model``: sent as JSON (415 otherwise, ``json_content_type``),
+    at most ``limit`` bytes (413 past it, counted while reading), UTF-8 and JSON that
+    validates (400 naming the field). ``optional``: an empty body is ``model()``."""
+    json_content_type(request, optional)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"Request body is {declared} bytes; the limit is {limit}.")

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve.engine.embedded import sse
 from serve.gateway.chat import ChatTurn, start_turn
+from serve.gateway.hangup import unless_hung_up
 from serve.gateway.openapi import body as documented
 from serve.gateway.routes.deps import ApiClient, gateway_of, json_body
 from serve.protocol import ChatCompletionRequest, ModelCard, ModelList
@@ -38,10 +39,19 @@ async def models(request: Request, client: ApiClient):
 @router.post("/v1/chat/completions", openapi_extra=documented(ChatCompletionRequest))
 async def chat(request: Request, client: ApiClient,
                body: Annotated[ChatCompletionRequest, json_body(ChatCompletionRequest)]):
-    turn = await start_turn(gateway_of(request), body, client)
     if not body.stream:
-        return JSONResponse(await turn.complete())
+        data = await unless_hung_up(request, _complete(request, body, client))
+        # 499 (nginx's "client closed request"): nobody reads it, but the access log says what happened.
+        return JSONResponse(data) if data is not None else Response(status_code=499)
+    turn = await start_turn(gateway_of(request), body, client)
     return TurnStream(turn, include_usage=bool(body.stream_options and body.stream_options.include_usage))
+
+
+async def _complete(request: Request, body: ChatCompletionRequest, client: str) -> dict:
+    """A whole (non-streaming) answer. The engine sends nothing before the answer is done,
+    so a caller's hang-up is watched from the start (``unless_hung_up``), not from the first byte."""
+    turn = await start_turn(gateway_of(request), body, client)
+    return await turn.complete()
 
 
 class TurnStream(StreamingResponse):
