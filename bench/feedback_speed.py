@@ -157,11 +157,13 @@ def build_speed(votes: int) -> None:
 def main(args: argparse.Namespace) -> None:
     import secrets
 
+    from bench import ready
     from feedback.store import Store
     from serve.cli_up import engine_args, log_file
     from serve.gateway.core import GatewayConfig
     from serve.processes import free_port, persona_process
 
+    ready.adapters()  # the bench's gateway serves the personas' adapters
     key, port = secrets.token_hex(16), free_port()
     # Loopback clients, no keys: every vote is one voter's, so the vote quota is off here.
     no_keys = {"PERSONA_API_KEY": "", "PERSONA_ADMIN_KEY": "", "PERSONA_VOTE_QUOTA_MINUTE": "0",
