@@ -9,6 +9,7 @@ all of them at once (each imports the CLI on its own), on a temporary home.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -27,13 +28,14 @@ BENCHES = [
 def run_all(commands: list[list[str]], home) -> list[subprocess.CompletedProcess]:
     env = {**os.environ, "PERSONA_HOME": str(home), "PERSONA_LOG_LEVEL": "WARNING"}
     procs = [subprocess.Popen([sys.executable, "-m", "serve.cli", *c], env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for c in commands]
     results = []
     for command, proc in zip(commands, procs):
         try:
             out, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        except subprocess.TimeoutExpired:  # a bench that started servers: stop them with it
+            os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
         results.append(subprocess.CompletedProcess(command, proc.returncode, out, err))
     return results
