@@ -167,12 +167,13 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--minutes and --probe-seconds must be above 0, --load between 0 and 1, "
                         "--probe-users at least 1")
     ready.adapters()
-    console.print("starting the embedded engine and the gateway ...")
     with load.own_servers() as (engine, gateway):
         console.print(f"probing capacity: {args.probe_users} users for {args.probe_seconds:g} s (also the warm-up)")
         capacity, probed, models = asyncio.run(probe(gateway.url, args))
         if not probed.chats_ok:
-            raise UserError(f"the probe got no answer in {args.probe_seconds:g} s (logs: {gateway.supervisor.log})")
+            raise UserError(f"the probe got no answer in {args.probe_seconds:g} s ({errors(probed)} errors: "
+                            f"{probed.timeouts} timed out, {probed.incomplete} cut off, {probed.server_5xx} 5xx, "
+                            f"{probed.connection_errors} dropped; logs: {gateway.supervisor.log})")
         rate = args.load * capacity
         tally = load.Tally()
         columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
