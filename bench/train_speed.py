@@ -156,9 +156,10 @@ def start_adapter(base: str) -> Path:
 
 
 def main(args: argparse.Namespace) -> None:
+    from bench import ready
     from train import base_model
 
-    base = base_model.resolve(args.base_model)
+    base = base_model.resolve(args.base_model) if args.base_model else ready.base_model()
     adapter = start_adapter(base)
     rows = bench_pairs(args.batch_size * (args.steps + 1))
     console.print(f"{len(rows)} pairs, {args.steps} timed steps of {args.batch_size} pairs, from {adapter}")

@@ -13,7 +13,7 @@
     persona simulate --rater train.raters:shorter --persona teto [--rounds 3] [--pairs-per-round 64]
     persona feedback stats | export --format dpo|kto|sft --persona teto --out FILE
     persona data check [FILE ...]
-    persona bench sft | serve | train | feedback | load [--users 50 --seconds 60]
+    persona bench sft | serve | train | feedback | load [--users 50 --seconds 60] | soak [--minutes 20]
     persona settings
 
 Each command is a ``main(args)`` behind a parser; nothing is loaded at import
@@ -38,6 +38,7 @@ BENCHES = {
     "train": ("train_speed", "DPO step time: our recipe against TRL's defaults and plain fwd+bwd"),
     "feedback": ("feedback_speed", "votes per second through the API, latency, none lost"),
     "load": ("load", "many users chatting and voting at once: TTFT, refusals, no vote lost"),
+    "soak": ("soak", "steady chats and votes at 70% of capacity for minutes: RSS growth, errors, lost votes"),
 }
 
 

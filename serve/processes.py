@@ -18,6 +18,8 @@ from typing import Iterator
 
 import httpx
 
+from feedback.errors import UserError
+
 
 def free_port() -> int:
     """A free TCP port on loopback."""
@@ -68,6 +70,9 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float, log: Path | None 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             message = f"server exited with code {proc.returncode} while starting"
+            said = _user_error(log) if proc.returncode == 2 else None
+            if said:  # the child's own one-line message (a UserError there) is the caller's too
+                raise UserError(said)
             if log is not None:
                 tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
                 message += f"; log {log}:\n{tail}"
@@ -79,6 +84,15 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float, log: Path | None 
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} was not healthy after {timeout:.0f} s" + (f" (log: {log})" if log else ""))
+
+
+def _user_error(log: Path | None) -> str | None:
+    """The one-line message a ``persona`` child printed for a ``UserError`` (``persona: error: ...``)."""
+    if log is None or not log.exists():
+        return None
+    lines = log.read_text(errors="replace")[-4000:].splitlines()
+    said = [line for line in lines if line.startswith("persona: error: ")]
+    return said[-1].removeprefix("persona: error: ") if said else None
 
 
 class Supervised:

@@ -114,3 +114,19 @@ def test_dockerignore_keeps_local_environments_out():
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
                if line.strip() and not line.startswith("#")}
     assert {".venv", ".venv-vllm", ".git", "test-output"} <= ignored, ignored
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_image_installs_the_runtime_lock_without_test_tools(target):
+    """`make install-runtime` takes requirements-runtime.lock (no dev extra); plain `make install`
+    would bring pytest, playwright, schemathesis and hadolint into the image."""
+    runs = [rest for word, rest in stages()[target] if word == "RUN"]
+    makes = [r for r in runs if re.search(r"\bmake\b", r)]
+    assert any(re.search(r"\bmake\b[^&|;]*\binstall-runtime\b", r) for r in makes), makes
+    assert not any(re.search(r"\bmake\b[^&|;]*\binstall(\s|$)", r) for r in makes), makes
+    args = dict(re.findall(r"^(\w+)=(\S+)", rest)[0] for word, rest in stages()[target]
+                if word == "ARG" and "=" in rest)
+    spec = re.search(r"TORCH_SPEC=\"?([^\s\"]+)", " ".join(makes))
+    torch = spec.group(1) if spec else "torch==2.13.0"  # the Makefile's default
+    torch = args.get(torch[1:], torch) if torch.startswith("$") else torch
+    assert "==" in torch, f"{target}: torch is not pinned ({torch}): the locks hold its dependencies for one version"

@@ -165,7 +165,8 @@ class Api:
         try:
             r = self.admin.http.request(method, path, **kw)
         except httpx.HTTPError as exc:
-            raise UserError(f"the gateway at {self.admin.url} did not answer {path} ({type(exc).__name__})") from None
+            raise UserError(f"the gateway at {self.admin.url} did not answer {path} ({type(exc).__name__}): "
+                            "start it first with `persona up` (after `persona setup`)") from None
         if r.status_code not in ok:
             hint = " (check PERSONA_ADMIN_KEY or PERSONA_ADMIN_KEY_FILE)" if r.status_code in (401, 403) else ""
             raise UserError(f"the gateway refused {method.upper()} {path} ({r.status_code}): {error_message(r)}{hint}")
