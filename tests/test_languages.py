@@ -160,3 +160,26 @@ def test_text_length_counts_words_or_characters_by_script():
     assert text_length("今日は疲れた") == 6
     assert text_length("Hi 你好") == 3
     assert text_length("") == 0
+
+
+def test_the_dashboard_shows_held_out_loss_per_language(tmp_path):
+    """The adapters table of the dashboard, read from the store the gateway mirrors the
+    registry into: a column per language, before (base model) and after (adapter)."""
+    from feedback import stats
+    from feedback.store import Store
+    from serve.ui.app import adapter_table
+
+    metrics = {"heldout_nll_adapter": 2.8, "heldout_by_language": {
+        "en": {"heldout_nll_base": 3.0, "heldout_nll_adapter": 2.5},
+        "ko": {"heldout_nll_base": 4.0, "heldout_nll_adapter": 3.1}}}
+    store = Store.open(tmp_path / "f.duckdb")
+    try:
+        store.sync_adapters([{"name": "teto-v1", "persona": "teto", "version": 1, "path": "/x", "kind": "sft",
+                              "parent_version": None, "status": "active", "metrics": metrics, "created_at": None}])
+        table = adapter_table(stats.summary(store)["adapters"])
+    finally:
+        store.close()
+    row = table.to_dict("records")[0]
+    assert (row["held-out NLL en"], row["held-out NLL en before"]) == (2.5, 3.0)
+    assert (row["held-out NLL ko"], row["held-out NLL ko before"]) == (3.1, 4.0)
+    assert row["heldout_nll_adapter"] == 2.8
