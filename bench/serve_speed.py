@@ -131,6 +131,7 @@ def main(args: argparse.Namespace) -> None:
 
     from bench.naive_server import create_naive_app
     from feedback import settings
+    from feedback.errors import UserError
     from serve.cli_up import engine_args, load_catalog, log_file
     from serve.engine.vllm_launcher import LaunchError, VLLMConfig, VLLMServer
     from serve.processes import child_server, free_port, persona_process, serve_in_thread
@@ -142,9 +143,8 @@ def main(args: argparse.Namespace) -> None:
     active = load_catalog().active_targets()
     others = [t.adapter for t in active if not trained_on(t.path, base)]
     if others:
-        console.print(f"{', '.join(others)} were not trained on {base}: train them on it first "
-                      "(persona train sft --base-model ...), or use a PERSONA_HOME whose adapters were")
-        return
+        raise UserError(f"{', '.join(others)} were not trained on {base}: train them on it first "
+                        "(persona train sft --base-model ...), or use a PERSONA_HOME whose adapters were")
     console.print(f"base model: {model_label(base)}")
     levels = [int(c) for c in args.clients.split(",")]
     personas, adapters = [t.persona for t in active], [t.adapter for t in active]

@@ -36,7 +36,7 @@ def test_hangul_share_counts_letters_only():
 
 def persona(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "serve.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=600)
+                          env={**os.environ, **env}, timeout=480)
 
 
 def final_text(locator, quiet: float = 4.0, timeout: float = 180.0) -> str:

@@ -90,6 +90,18 @@ def test_persona_train_sft_records_the_base_models_languages(tiny_model_dir, tmp
     pooled = sum(m["heldout_nll_adapter"] * m["heldout_answer_tokens"] for m in by_language.values()) / tokens
     assert metrics["heldout_nll_adapter"] == pytest.approx(pooled, abs=1e-3)
     assert by_language["en"]["heldout_nll_adapter"] != by_language["ko"]["heldout_nll_adapter"]
+    import io
+
+    from rich.console import Console
+
+    from serve import cli_commands
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli_commands, "console", Console(file=out, width=400))
+    main(["adapters", "list", "--persona", "tiny"])
+    listed = out.getvalue()
+    assert "held-out en" in listed and "held-out ko" in listed
+    assert f"{by_language['ko']['heldout_nll_adapter']:.3f}" in listed
 
     main(["train", "sft", "--persona", "tiny", "--base-model", str(model), "--max-steps", "1", "--languages", "en"])
     assert registry.active("tiny").meta["recipe"]["languages"] == ["en"]

@@ -49,9 +49,9 @@ from train.trainer_common import (add_common_arguments, apply_arguments, load_ba
 
 console = Console(stderr=True)
 
-# Asked of every candidate; an answer must be non-empty and not degenerate.
-# The gate's fixed prompt set, per language; a run asks those in English and in the other
-# languages the persona's SFT recipe trains (the languages its adapter answers in).
+# The gate's fixed prompt set, per language: every answer must be non-empty and not degenerate.
+# A run asks those in English and in the other languages the persona's SFT recipe trains (the
+# languages its adapter answers in).
 SANITY_PROMPTS = {
     "en": [
         "Hi! How are you today?",
