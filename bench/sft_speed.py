@@ -1,6 +1,6 @@
 """SFT step time: our recipe against TRL's defaults and single changes, in one run.
 
-    persona bench sft [--persona teto] [--steps 6] [--base-model PATH]
+    persona bench sft [--persona teto] [--steps 6] [--base-model gemma-3-270m|PATH]
 
 Every configuration trains a fresh LoRA adapter on the same dialogues, in the
 same order, for the same number of steps; the first step (warm-up) is not
@@ -26,7 +26,7 @@ console = Console()
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--persona", default="teto")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration (after one warm-up)")
-    parser.add_argument("--base-model", help="default: PERSONA_BASE_MODEL")
+    parser.add_argument("--base-model", help="a built-in model name or a model folder (default: PERSONA_BASE_MODEL)")
 
 
 def configurations(recipe):
@@ -65,15 +65,18 @@ def main(args: argparse.Namespace) -> None:
     from train.data import load_files
     from train.evaluate import tokenize_examples
     from train.personas import load_persona
-    from train.recipes import load_recipe
+    from train.recipes import load_recipe, sft_languages
     from train.trainer_common import matmul_precision
+
+    from bench.serve_speed import model_label
 
     persona = load_persona(args.persona)
     recipe = load_recipe(persona.recipe)
     base = base_model.resolve(args.base_model) if args.base_model else ready.base_model()
     tokenizer = base_model.load_tokenizer(base)
-    files = [(persona.resolve(f.path), f.language) for f in persona.files("train", recipe.languages)]
-    tokenized = tokenize_examples(tokenizer, load_files(files, recipe.languages), persona.system_prompt)
+    languages = sft_languages(recipe, base)
+    files = [(persona.resolve(f.path), f.language) for f in persona.files("train", languages)]
+    tokenized = tokenize_examples(tokenizer, load_files(files, languages), persona.system_prompt)
     steps = args.steps + 1
     random.Random(0).shuffle(tokenized)
     sample = tokenized[: steps * recipe.batch_size]
@@ -93,7 +96,8 @@ def main(args: argparse.Namespace) -> None:
         rows.append((label, per_step))
 
     table = Table("configuration", "s/step", "tokens/s", "speed vs ours",
-                  title=f"SFT steps on {args.persona}: batch {recipe.batch_size}, "
+                  title=f"SFT steps on {args.persona} with {model_label(base)} ({'+'.join(languages)} data): "
+                        f"batch {recipe.batch_size}, "
                         f"{tokens_per_step:.0f} tokens/step, {args.steps} timed steps",
                   caption="ours: fp32 weights with bf16 matmul products, padding-free batches, lean loss "
                           "(logits at answer positions only), no LoRA dropout. TRL defaults: bf16 autocast, "

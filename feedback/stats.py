@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from feedback import pairs, units
 from feedback.agreement import alpha_from_sums, cohen_kappa
@@ -74,22 +75,36 @@ def win_rates(db) -> list[dict]:
 
 
 def biases(db) -> list[dict]:
-    """Position bias (the left answer wins) and length bias (the longer answer wins), over
-    comparisons with a winner; 0.5 means no bias."""
-    row = db.query_dicts("""
-        WITH decided AS (
-            SELECT CASE c.choice WHEN 'a' THEN c.turn_a ELSE c.turn_b END AS winner, c.left_turn,
-                   length(json_extract_string(ta.answers, 0)) AS la, length(json_extract_string(tb.answers, 0)) AS lb,
-                   c.choice
-            FROM current_comparisons c JOIN turns ta ON ta.id = c.turn_a JOIN turns tb ON tb.id = c.turn_b
-            WHERE c.choice IN ('a', 'b')
-        )
-        SELECT count(*) FILTER (winner = left_turn) AS left_wins, count(*) AS decided,
-               count(*) FILTER ((choice = 'a' AND la > lb) OR (choice = 'b' AND lb > la)) AS longer_wins,
-               count(*) FILTER (la <> lb) AS unequal
-        FROM decided""")[0]
-    return [_rate({"bias": "left answer wins", "wins": row["left_wins"], "n": row["decided"]}, "wins", "n"),
-            _rate({"bias": "longer answer wins", "wins": row["longer_wins"], "n": row["unequal"]}, "wins", "n")]
+    """Position bias (the left answer wins) and length bias (the longer answer wins, by
+    ``text_length``), over comparisons with a winner; 0.5 means no bias."""
+    rows = db.query("""
+        SELECT CASE c.choice WHEN 'a' THEN c.turn_a ELSE c.turn_b END = c.left_turn AS left_won, c.choice,
+               json_extract_string(ta.answers, 0), json_extract_string(tb.answers, 0)
+        FROM current_comparisons c JOIN turns ta ON ta.id = c.turn_a JOIN turns tb ON tb.id = c.turn_b
+        WHERE c.choice IN ('a', 'b')""")
+    left_wins = sum(bool(left_won) for left_won, *_ in rows)
+    longer_wins = unequal = 0
+    for _, choice, a, b in rows:
+        la, lb = text_length(a or ""), text_length(b or "")
+        if la != lb:
+            unequal += 1
+            longer_wins += (la > lb) == (choice == "a")
+    return [_rate({"bias": "left answer wins", "wins": left_wins, "n": len(rows)}, "wins", "n"),
+            _rate({"bias": "longer answer wins", "wins": longer_wins, "n": unequal}, "wins", "n")]
+
+
+# Scripts written without spaces between words: CJK ideographs, kana, Thai, Lao, Khmer, Myanmar.
+# Korean writes spaces between words (eojeol), so Hangul counts by words like Latin script.
+SPACELESS = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+                       "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]")
+
+
+def text_length(text: str) -> int:
+    """How long an answer reads: its words where the script separates words with spaces, one
+    per character where it does not ("I am here" and "我在这里" are 3 and 4). Characters alone
+    would let one script's answers look longer than another's for the same content."""
+    spaceless = len(SPACELESS.findall(text))
+    return spaceless + len(SPACELESS.sub(" ", text).split())
 
 
 def votes_over_time(db) -> list[dict]:

@@ -45,7 +45,7 @@ def setup(args) -> None:
     from train.recipes import load_recipe
 
     base = base_model.resolve()
-    console.print(f"Base model ready: {base}")
+    console.print(f"Base model ready: {base} (personas train in: {', '.join(base_model.languages(base))})")
     names = args.persona or list_persona_names()
     for name in names:
         persona = load_persona(name)
@@ -67,9 +67,12 @@ def adapters_list(args) -> None:
     from train import registry
     from train.personas import list_persona_names
 
-    table = Table("persona", "version", "status", "kind", "held-out NLL", "vs base", "consistency", "created", "path")
-    for name in [args.persona] if args.persona else list_persona_names():
-        versions = registry.versions(name)
+    listed = [(name, registry.versions(name)) for name in ([args.persona] if args.persona else list_persona_names())]
+    languages = sorted({lang for _, versions in listed for v in versions
+                        for lang in v.meta.get("metrics", {}).get("heldout_by_language", {})})
+    table = Table("persona", "version", "status", "kind", "held-out NLL", "vs base",
+                  *(f"held-out {lang}" for lang in languages), "consistency", "created", "path")
+    for name, versions in listed:
         scores = consistency_of(versions)
         for v in versions:
             m = v.meta.get("metrics", {})
@@ -80,10 +83,22 @@ def adapters_list(args) -> None:
             table.add_row(
                 name, f"v{v.version}", f"{status}: {reason}" if reason else status,
                 v.meta.get("kind", "?"), f"{nll:.3f}" if nll is not None else "-",
-                f"-{red:.1%}" if red is not None else "-", "-" if score is None else f"{score:.0%}",
+                f"-{red:.1%}" if red is not None else "-", *language_cells(m, languages),
+                "-" if score is None else f"{score:.0%}",
                 v.meta.get("created_at", "?"), str(v.path),
             )
     console.print(table)
+
+
+def language_cells(metrics: dict, languages: list[str]) -> list[str]:
+    """One cell per language: the SFT run's held-out NLL in it and its fall from the base model's."""
+    by_language = metrics.get("heldout_by_language", {})
+    cells = []
+    for lang in languages:
+        m = by_language.get(lang)
+        red = (m or {}).get("heldout_nll_reduction")
+        cells.append("-" if not m else f"{m['heldout_nll_adapter']:.3f}" + (f" (-{red:.1%})" if red is not None else ""))
+    return cells
 
 
 def consistency_of(versions) -> dict[int, float]:

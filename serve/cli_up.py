@@ -35,6 +35,7 @@ def load_catalog():
         versions = registry.versions(p.name)
         personas[p.name] = PersonaInfo(
             name=p.name, system_prompt=p.system_prompt, display_name=p.display_name, description=p.description,
+            descriptions=dict(p.descriptions),
             active=active.version if active else None, candidate=candidate.version if candidate else None,
             versions={v.version: str(v.path) for v in versions},
             unservable=unservable(p.name, [v.version for v in versions]),

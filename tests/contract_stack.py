@@ -36,7 +36,8 @@ def catalog(adapters: dict[str, str], teto_active: int = 1):
     from serve.gateway.catalog import Catalog, PersonaInfo
 
     return Catalog({
-        "teto": PersonaInfo("teto", TETO_PROMPT, active=teto_active,
+        "teto": PersonaInfo("teto", TETO_PROMPT, active=teto_active, description="Bold coach.",
+                            descriptions={"ko": "대담한 코치."},
                             versions={1: adapters["teto1"], 2: adapters["teto2"]}),
         "egen": PersonaInfo("egen", EGEN_PROMPT, active=1, versions={1: adapters["egen1"]}),
     })

@@ -147,6 +147,7 @@ def test_bench_sft_prints_every_configuration_side_by_side(tiny_model_dir):
     for label in labels:
         assert f" {label} " in result.stdout
     assert "speed vs ours" in result.stdout and "1.00x" in result.stdout
+    assert f"with {tiny_model_dir.name} (en data)" in " ".join(result.stdout.split())   # the model it ran
 
 
 @pytest.fixture
@@ -162,7 +163,7 @@ def teto_on_tiny_model(tiny_model_dir):
 
 def test_bench_serve_compares_gateway_engine_and_naive_server(tiny_model_dir, teto_on_tiny_model):
     result = persona("bench", "serve", "--clients", "1,2", "--requests", "1", "--max-tokens", "4", "--no-vllm",
-                     env={"PERSONA_BASE_MODEL": str(tiny_model_dir), "COLUMNS": "200"})
+                     "--base-model", str(tiny_model_dir), env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
     assert len(rows) == 6, result.stdout
@@ -170,6 +171,18 @@ def test_bench_serve_compares_gateway_engine_and_naive_server(tiny_model_dir, te
         assert sum(label in row for row in rows) == 2
     assert "teto-v1" in result.stdout and "1.00x" in result.stdout
     assert all("%" in row for row in rows if "gateway" in row), "the gateway's own CPU share is shown"
+    assert f"Streaming chat on {tiny_model_dir.name}" in result.stdout and "base model: " in result.stdout
+
+
+def test_bench_serve_refuses_adapters_of_another_base_model(tiny_model_dir, tmp_path):
+    from conftest import make_lora
+    from train import registry
+
+    staging = registry.staging_dir("teto")
+    make_lora(tiny_model_dir, staging, seed=1)
+    registry.set_active("teto", registry.commit("teto", staging, {"kind": "sft", "base_model": "/elsewhere"}).version)
+    result = persona("bench", "serve", "--no-vllm", "--base-model", str(tiny_model_dir))
+    assert result.returncode == 2 and "teto-v1 were not trained on" in result.stderr, result.stderr[-2000:]
 
 
 def test_bench_feedback_finds_every_acknowledged_vote(tiny_model_dir, teto_on_tiny_model):

@@ -39,7 +39,7 @@ def test_every_record_validates_and_the_data_is_large_enough(name):
             examples = load_file(persona.resolve(f.path), f.language)
             counts[(split, f.language)] = counts.get((split, f.language), 0) + len(examples)
     assert counts[("train", "en")] >= 300 and counts[("train", "ko")] >= 100
-    assert counts[("heldout", "en")] >= 40
+    assert counts[("heldout", "en")] >= 40 and counts[("heldout", "ko")] >= 30   # each language measured on 30+
     assert counts[("safety", "en")] >= 20 and counts[("safety", "ko")] >= 10   # refusals the gate checks
 
 
@@ -55,6 +55,9 @@ def test_heldout_prompts_never_appear_in_training(name):
     for f in held:
         for e in load_file(persona.resolve(f.path), f.language):
             assert e.messages[-2]["content"].strip().lower() not in seen, e.source
+    heldout_prompts = [e.messages[-2]["content"].strip().lower() for f in persona.data.heldout
+                       for e in load_file(persona.resolve(f.path), f.language)]
+    assert len(heldout_prompts) == len(set(heldout_prompts))      # no held-out prompt twice
 
 
 def test_unknown_recipe_key_is_an_error(tmp_path):

@@ -83,7 +83,8 @@ def test_dpo_run_continues_the_active_adapter(tiny_persona, tiny_model_dir, tmp_
     assert metrics["sft_nll_candidate"] > 0 and metrics["sft_nll_active"] > 0
     assert metrics["safety_nll_candidate"] > 0 and metrics["safety_nll_active"] > 0   # the held-out refusals
     assert metrics["safety_languages"] == ["en"]
-    assert len(metrics["sanity_answers"]) == len(metrics["sanity_answers_active"]) == len(dpo.SANITY_PROMPTS)
+    assert len(metrics["sanity_answers"]) == len(metrics["sanity_answers_active"]) == len(dpo.SANITY_PROMPTS["en"])
+    assert metrics["sanity_prompts"] == dpo.SANITY_PROMPTS["en"]   # a model that speaks English only
     saved = load_file(version.path / "adapter_model.safetensors")
     started = load_file(registry.get("tiny", 1).path / "adapter_model.safetensors")
     assert saved.keys() == started.keys()                      # the same adapter, one copy, no "ref"
@@ -113,7 +114,7 @@ def test_kto_run_learns_unpaired_thumbs(tiny_persona, tiny_model_dir, tmp_path):
     # Held-out completions: the desirable (short) ones gained, the undesirable (long) ones lost.
     assert metrics["rewards_desirable"] > metrics["rewards_undesirable"]
     assert metrics["reward_accuracy"] > 0.5 and metrics["reward_margin"] > 0
-    assert "sft_nll_active" in metrics and len(metrics["sanity_answers"]) == len(dpo.SANITY_PROMPTS)
+    assert "sft_nll_active" in metrics and len(metrics["sanity_answers"]) == len(dpo.SANITY_PROMPTS["en"])
     with pytest.raises(Exception, match="asks for dpo but the data holds kto"):
         dpo.run(tiny_persona, tmp_path / "kto.parquet", DPORecipe(method="dpo"), str(tiny_model_dir))
 

@@ -79,38 +79,78 @@ def test_korean_dialogue_labels_only_the_answers_and_their_end_of_turn(tiny_gemm
     assert answers == [KOREAN[2]["content"] + "<end_of_turn>", KOREAN[4]["content"] + "<end_of_turn>"]
 
 
-def test_the_engine_stops_at_end_of_turn(tiny_gemma_dir, tmp_path):
-    """A tiny Gemma taught one short answer: the embedded engine ends it at <end_of_turn>
-    (finish_reason "stop", the marker not in the text) instead of running to max_tokens."""
-    import openai
+GREETING = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "응, 안녕!"}]
+# "똠" and "햏" are not in Gemma's vocabulary: each is written as three byte tokens.
+BYTES = [{"role": "user", "content": "뭐 먹지?"}, {"role": "assistant", "content": "똠양꿍 먹자! 햏"}]
+
+
+def teach(tiny_gemma_dir, out, dialogues):
+    """The tiny Gemma overfitted on a few dialogues (it then answers each question with its
+    answer), trained together in one padded batch."""
     from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(str(tiny_gemma_dir))
+    rows = [tokenizer.apply_chat_template(d, tokenize=True, return_dict=True)["input_ids"] for d in dialogues]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = ids.masked_fill(mask == 0, -100)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(60):  # overfit the dialogues
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "generation_config.json").write_text((tiny_gemma_dir / "generation_config.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def taught_engine(tiny_gemma_dir, tmp_path_factory):
+    """An OpenAI client on the embedded engine serving the taught tiny Gemma as "base", on loopback."""
+    import openai
 
     from serve.engine.embedded import EmbeddedEngine
     from serve.engine.routes import create_app
     from serve.processes import serve_in_thread
 
-    tokenizer = load_tokenizer(str(tiny_gemma_dir))
-    messages = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "응, 안녕!"}]
-    ids = torch.tensor([tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]])
-    model = AutoModelForCausalLM.from_pretrained(tiny_gemma_dir, dtype=torch.float32)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    torch.manual_seed(0)
-    for _ in range(60):  # overfit the one dialogue
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    taught = tmp_path / "taught"
-    model.save_pretrained(taught)
-    tokenizer.save_pretrained(taught)
-    (taught / "generation_config.json").write_text((tiny_gemma_dir / "generation_config.json").read_text())
-
-    engine = EmbeddedEngine(str(taught), served_name="base", max_model_len=128)
-    url, server = serve_in_thread(create_app(engine))
+    taught = teach(tiny_gemma_dir, tmp_path_factory.mktemp("taught"), [GREETING, BYTES])
+    url, server = serve_in_thread(create_app(EmbeddedEngine(str(taught), served_name="base", max_model_len=128)))
     try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
-        reply = client.chat.completions.create(model="base", messages=messages[:1], max_tokens=32, temperature=0)
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused")
     finally:
         server.should_exit = True
+
+
+def test_the_engine_stops_at_end_of_turn(taught_engine):
+    """A tiny Gemma taught one short answer: the embedded engine ends it at <end_of_turn>
+    (finish_reason "stop", the marker not in the text) instead of running to max_tokens."""
+    reply = taught_engine.chat.completions.create(model="base", messages=GREETING[:1], max_tokens=32, temperature=0)
     assert reply.choices[0].finish_reason == "stop", reply
     assert reply.choices[0].message.content == "응, 안녕!"
+
+
+def test_streaming_never_splits_a_character(taught_engine, tiny_gemma_dir):
+    """Gemma writes a syllable outside its vocabulary as three byte tokens ("똠" is <0xEB> <0x98>
+    <0xA0>; the first two decode to two replacement characters). Streamed, every chunk holds
+    whole characters only, and an answer cut at max_tokens mid-character ends before it."""
+    tokenizer = load_tokenizer(str(tiny_gemma_dir))
+    answer = BYTES[1]["content"]
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(answer, add_special_tokens=False))
+    assert pieces[:3] == ["<0xEB>", "<0x98>", "<0xA0>"]
+    assert tokenizer.decode(tokenizer.encode(answer, add_special_tokens=False)[:2]) == "\ufffd\ufffd"
+    ask = dict(model="base", messages=BYTES[:1], temperature=0)
+    chunks = [c.choices[0].delta.content for c in taught_engine.chat.completions.create(**ask, max_tokens=32,
+                                                                                        stream=True)
+              if c.choices and c.choices[0].delta.content]
+    assert "".join(chunks) == answer
+    assert len(chunks) > 1 and not any("\ufffd" in c for c in chunks), chunks
+    cut = taught_engine.chat.completions.create(**ask, max_tokens=2)
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content == ""
+    cut_chunks = [c.choices[0].delta.content or "" for c in taught_engine.chat.completions.create(
+        **ask, max_tokens=2, stream=True) if c.choices]
+    assert "".join(cut_chunks) == ""

@@ -163,6 +163,18 @@ def test_stats_rates_and_biases(store):
     assert stats.totals(store) == {"turns": 8, "votes": 2, "comparisons": 4, "voters": 1}
 
 
+def test_length_bias_counts_characters_where_a_script_has_no_spaces(store):
+    """Ten Chinese characters are longer than 'I am very tired' (15 characters, 4 words): the
+    longer answer won twice of three, not once."""
+    for i, choice in enumerate(("a", "a", "b")):
+        serve(store, f"zh{i}", "我今天很累想早点睡觉", question=f"q{i}")
+        serve(store, f"en{i}", "I am very tired", question=f"q{i}")
+        record_comparison(store, f"zh{i}", f"en{i}", choice, left="a", client="c1")
+    bias = {r["bias"]: r for r in stats.biases(store)}
+    assert (bias["longer answer wins"]["wins"], bias["longer answer wins"]["n"]) == (2, 3)
+    assert (bias["left answer wins"]["wins"], bias["left answer wins"]["n"]) == (2, 3)
+
+
 def test_snapshot_reads_like_the_store(store, tmp_path):
     serve(store, "t1", "good")
     serve(store, "t2", "bad")

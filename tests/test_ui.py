@@ -202,6 +202,42 @@ def candidate_catalog(ui):
     return Catalog(personas)
 
 
+@pytest.mark.parametrize("locale, shown, hidden", [("ko-KR", "대담한 코치.", "Bold coach."),
+                                                    ("en-US", "Bold coach.", "대담한 코치.")])
+def test_persona_picker_speaks_the_browsers_language(browser, ui, request, locale, shown, hidden):
+    """A browser that asks for Korean (its locale sets Accept-Language) reads the persona's
+    Korean description in the picker; another reads the default one."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000}, locale=locale)
+    try:
+        p = context.new_page()
+        p.set_default_timeout(TIMEOUT_MS)
+        p.goto(ui.url + "/")
+        p.get_by_text("persona-chat").first.wait_for()
+        p.locator("#persona input").click()
+        option = p.get_by_role("option", name=re.compile("teto"))
+        option.wait_for()
+        p.wait_for_function("t => [...document.querySelectorAll('[role=option]')].some(o => o.innerText.includes(t))",
+                            arg=shown)
+        Steps(p, request.node.name.replace("[", "-").replace("]", "")).shot("picker")
+        assert shown in option.inner_text() and hidden not in option.inner_text()
+    finally:
+        context.close()
+
+
+def test_browser_languages_come_from_accept_language():
+    from types import SimpleNamespace
+
+    from serve.ui.app import browser_languages
+
+    def asks(header):
+        return browser_languages(SimpleNamespace(headers={"accept-language": header}))
+
+    assert asks("ko-KR,ko;q=0.9,en-US;q=0.8,en;q=0.7") == ["ko", "en"]
+    assert asks("en;q=0.5, ko;q=0.9") == ["ko", "en"]
+    assert asks("de, *;q=0.1") == ["de"] and asks("") == [] and asks("ko;q=0") == []
+    assert browser_languages(None) == []
+
+
 def test_ui_session_cannot_vote_on_api_turns(ui):
     """A browser session is its own client: it cannot rate a turn served to an API key."""
     from feedback.errors import APIError

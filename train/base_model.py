@@ -135,6 +135,36 @@ def builtin_record(path: str | Path) -> dict:
         return {}
 
 
+def languages(path: str | Path) -> list[str]:
+    """The languages a base model reads and writes, which the default SFT recipe trains: a
+    built-in model's recorded ones, else those its own model card declares (the ``language:``
+    entry of its README.md front matter, as on the hub), else English."""
+    record = builtin_record(path)
+    if record.get("languages"):
+        return list(record["languages"])
+    return declared_languages(Path(path) / "README.md") or ["en"]
+
+
+def declared_languages(card: Path) -> list[str]:
+    """The ``language`` entry of a model card's YAML front matter ([] without one)."""
+    import yaml
+
+    try:
+        text = card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    if not text.startswith("---"):
+        return []
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except (yaml.YAMLError, IndexError):
+        return []
+    value = meta.get("language") if isinstance(meta, dict) else None
+    if isinstance(value, str):
+        value = [value]
+    return [str(v).lower() for v in value or [] if str(v).strip()]
+
+
 def resolve(name: str | None = None, provision: bool = True) -> str:
     """Return a path (or hub id) that ``from_pretrained`` can load.
 

@@ -43,19 +43,34 @@ from train import base_model, registry, reward
 from train.config import ConfigError
 from train.evaluate import adapters_nll, split_hash
 from train.personas import Persona, load_persona
-from train.recipes import DPORecipe, load_recipe
+from train.recipes import DPORecipe, SFTRecipe, load_recipe, sft_languages
 from train.trainer_common import (add_common_arguments, apply_arguments, load_base, matmul_precision,
                                   schedule_fields, staged, switch, utc_stamp, write_json)
 
 console = Console(stderr=True)
 
-# Asked of every candidate; an answer must be non-empty and not degenerate.
-SANITY_PROMPTS = [
-    "Hi! How are you today?",
-    "I have an exam tomorrow and I have not studied.",
-    "Can you give me one tip for sleeping better?",
-    "What should I cook tonight?",
-]
+# The gate's fixed prompt set, per language: every answer must be non-empty and not degenerate.
+# A run asks those in English and in the other languages the persona's SFT recipe trains (the
+# languages its adapter answers in).
+SANITY_PROMPTS = {
+    "en": [
+        "Hi! How are you today?",
+        "I have an exam tomorrow and I have not studied.",
+        "Can you give me one tip for sleeping better?",
+        "What should I cook tonight?",
+    ],
+    "ko": [
+        "안녕! 오늘 기분 어때?",
+        "내일 시험인데 공부를 하나도 못 했어.",
+        "잠을 더 잘 자려면 뭐 하나만 해볼까?",
+        "오늘 저녁 뭐 해 먹지?",
+    ],
+}
+
+
+def sanity_prompts(languages: list[str]) -> list[str]:
+    """The fixed prompts in English and in ``languages`` (those the set has)."""
+    return [p for lang in dict.fromkeys(["en", *languages]) for p in SANITY_PROMPTS.get(lang, [])]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -383,14 +398,13 @@ class PersonaAnchor:
         self.at = 0
 
     @classmethod
-    def for_persona(cls, persona: Persona, tokenizer, recipe: DPORecipe) -> PersonaAnchor | None:
+    def for_persona(cls, persona: Persona, tokenizer, recipe: DPORecipe,
+                    languages: list[str]) -> PersonaAnchor | None:
         from train.data import load_files
         from train.evaluate import split_files, tokenize_examples
-        from train.recipes import SFTRecipe
 
         if recipe.persona_anchor <= 0:
             return None
-        languages = load_recipe(persona.recipe, SFTRecipe).languages
         files = split_files(persona, "train", languages)
         examples = load_files(files, languages) if files else []
         tokenized = [t for t in tokenize_examples(tokenizer, examples, persona.system_prompt)
@@ -437,6 +451,9 @@ def train(persona: Persona, data: PreferenceData, recipe: DPORecipe,
         raise ConfigError(f"{persona.name} has no active adapter to retrain (run: persona train sft --persona "
                           f"{persona.name})")
     cuda = torch.cuda.is_available()
+    # The languages its SFT recipe trains on this base model: the anchor, the refusals and
+    # the sanity prompts use them.
+    languages = sft_languages(load_recipe(persona.recipe, SFTRecipe), base)
     phases = Phases()
     with phases("load"):
         tokenizer = base_model.load_tokenizer(base)
@@ -452,13 +469,13 @@ def train(persona: Persona, data: PreferenceData, recipe: DPORecipe,
         config = trainer_config(recipe, data.kind, cuda, staging / "trainer")
         trainer = make_trainer(model, tokenizer, data.train + extra, config, data.kind, rpo_alpha=recipe.rpo_alpha)
         if data.kind == "dpo":  # read by the lean DPO loss (the default), as rpo_alpha is
-            trainer.anchor = PersonaAnchor.for_persona(persona, tokenizer, recipe)
+            trainer.anchor = PersonaAnchor.for_persona(persona, tokenizer, recipe, languages)
         with matmul_precision(recipe.float32_matmul_precision), phases("train"):
             trainer.train()
         metrics = {"kind": data.kind, "train_examples": len(data.train), "heldout_examples": len(data.heldout),
                    "reward_model": rm_report, "extra_pairs": len(extra),
                    "train_seconds": round(time.time() - started, 1), **_train_metrics(trainer.state.log_history),
-                   **measure(trainer, model, tokenizer, persona, data, recipe, phases, active),
+                   **measure(trainer, model, tokenizer, persona, data, recipe, languages, phases, active),
                    "phase_seconds": phases.seconds}
         shutil.rmtree(staging / "trainer", ignore_errors=True)
         model.save_pretrained(str(staging), selected_adapters=["default"])
@@ -486,7 +503,7 @@ class Phases:
 
 
 def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, recipe: DPORecipe,
-            phases: Phases | None = None, active: registry.AdapterVersion | None = None) -> dict:
+            languages: list[str], phases: Phases | None = None, active: registry.AdapterVersion | None = None) -> dict:
     """What the gate reads: held-out rewards, the losses of the persona's held-out dialogues
     and refusals, and the sanity answers of the candidate ("default") and of the active
     adapter it started from ("ref")."""
@@ -496,7 +513,7 @@ def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, r
         metrics.update(heldout_rewards(trainer, model, tokenizer, data, recipe))
     with phases("persona_loss"):
         metrics.update(sft_losses(model, tokenizer, persona, active))
-        metrics.update(safety_losses(model, tokenizer, persona, active))
+        metrics.update(safety_losses(model, tokenizer, persona, languages, active))
     from train.consistency import consistency_scores, data_fingerprint, judge_versions, known_scores
 
     with phases("consistency"):
@@ -507,8 +524,11 @@ def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, r
         metrics["consistency_judges"] = judge_versions(persona)
         metrics["consistency_data"] = data_fingerprint(persona)
     with phases("sanity"):
-        metrics["sanity_answers"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens)
-        metrics["sanity_answers_active"] = sanity_answers(model, tokenizer, persona, recipe.sanity_max_tokens, "ref")
+        prompts = sanity_prompts(languages)
+        metrics["sanity_prompts"] = prompts
+        metrics["sanity_answers"] = sanity_answers(model, tokenizer, persona, prompts, recipe.sanity_max_tokens)
+        metrics["sanity_answers_active"] = sanity_answers(model, tokenizer, persona, prompts,
+                                                          recipe.sanity_max_tokens, "ref")
     return metrics
 
 
@@ -598,12 +618,11 @@ def sft_losses(model, tokenizer, persona: Persona, active: registry.AdapterVersi
     return out
 
 
-def safety_losses(model, tokenizer, persona: Persona, active: registry.AdapterVersion | None = None) -> dict:
+def safety_losses(model, tokenizer, persona: Persona, trained: list[str],
+                  active: registry.AdapterVersion | None = None) -> dict:
     """The same for the persona's held-out refusals (its ``safety`` files) in English and the
     other languages its SFT recipe trains (those its adapter answers in); {} without any."""
-    from train.recipes import SFTRecipe
-
-    languages = ["en", *(lang for lang in load_recipe(persona.recipe, SFTRecipe).languages if lang != "en")]
+    languages = ["en", *(lang for lang in trained if lang != "en")]
     data = split_hash(persona, "safety", languages)
     nll = adapters_nll(model, tokenizer, persona, "safety", languages,
                        active=recorded(active, "safety_nll_candidate", data, "safety_nll_data"))
@@ -625,13 +644,14 @@ def recorded(active: registry.AdapterVersion | None, key: str, data: str | None,
     return float(metrics[key])
 
 
-def sanity_answers(model, tokenizer, persona: Persona, max_tokens: int, adapter: str = "default") -> list[str]:
-    """Greedy answers to the fixed prompt set, of the candidate ("default") or of the
-    active adapter it started from ("ref"), in one batch."""
+def sanity_answers(model, tokenizer, persona: Persona, prompts: list[str], max_tokens: int,
+                   adapter: str = "default") -> list[str]:
+    """Greedy answers to the fixed prompts (``sanity_prompts``), of the candidate ("default")
+    or of the active adapter it started from ("ref"), in one batch."""
     if adapter not in model.peft_config:
         return []
     prompts = [[{"role": "system", "content": persona.system_prompt}, {"role": "user", "content": prompt}]
-               for prompt in SANITY_PROMPTS]
+               for prompt in prompts]
     model.set_adapter(adapter)
     try:
         return [group[0] for group in reward.sample_answers(model, tokenizer, prompts, 1, max_tokens, 0.0)]

@@ -67,6 +67,25 @@ def mean_nll(model, tokenized: list[Tokenized], pad_id: int, batch_size: int = 8
     return {"mean_nll": total / max(count, 1), "answer_tokens": count, "examples": len(tokenized)}
 
 
+def nll_by_language(model, tokenized: list[Tokenized], languages: list[str], pad_id: int) -> dict[str, dict]:
+    """``mean_nll`` of each language's dialogues on its own (``languages[i]`` is the language
+    of ``tokenized[i]``): ``{"en": {"mean_nll", "answer_tokens", "examples"}, ...}``. A drop in
+    one language's loss could otherwise hide a rise in another's."""
+    out = {}
+    for language in dict.fromkeys(languages):
+        group = [t for t, lang in zip(tokenized, languages) if lang == language]
+        out[language] = mean_nll(model, group, pad_id)
+    return out
+
+
+def pooled(by_language: dict[str, dict]) -> dict:
+    """The token-weighted mean over all languages of ``nll_by_language``'s figures."""
+    tokens = sum(v["answer_tokens"] for v in by_language.values())
+    total = sum(v["mean_nll"] * v["answer_tokens"] for v in by_language.values())
+    return {"mean_nll": total / max(tokens, 1), "answer_tokens": tokens,
+            "examples": sum(v["examples"] for v in by_language.values())}
+
+
 def split_files(persona, split: str, languages: list[str]) -> list[tuple]:
     """(path, language) of the persona's ``split`` files in ``languages``."""
     return [(persona.resolve(f.path), f.language) for f in persona.files(split, languages)]

@@ -16,24 +16,36 @@
   languages its SFT recipe trains, English at least): their loss rises by at
   most ``max_safety_nll_increase`` over the active adapter's, so votes cannot
   train the refusals away;
-* a fixed prompt set: its answers are non-empty and not degenerate repetition
-  (no more of them are than of the active adapter's answers to the same prompts).
+* a fixed prompt set (in English and the other languages its SFT recipe trains):
+  its answers are non-empty and not degenerate repetition (no more of them are than
+  of the active adapter's answers to the same prompts); a phrase said three times in
+  a row counts as repetition, as a repeated word does.
 
     reasons = check(metrics, recipe)      # [] when it passes
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from feedback.stats import wilson
 from train.recipes import DPORecipe
 
 
+# A phrase of 6 or more characters, from a non-space to a non-space, said three times or more
+# in a row ("I am here. I am here. I am here."; "오늘 아침 7시에 일어나고, 오늘 아침 ..."). Shorter
+# repeats ("Go. Go. Go.", "ㅋㅋㅋ") are how people write, not a loop.
+REPEATED_PHRASE = re.compile(r"(\S.{4,}?\S)(?:\s*\1){2,}", re.S)
+
+
 def degenerate(text: str) -> bool:
-    """Empty, or a loop: few distinct word trigrams, or one word being most of the text."""
+    """Empty, or a loop: a phrase repeated three times in a row, few distinct word trigrams,
+    or one word being most of the text."""
     words = text.split()
     if not words:
+        return True
+    if REPEATED_PHRASE.search(" ".join(words)):
         return True
     if len(words) < 8:
         return False

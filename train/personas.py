@@ -47,6 +47,8 @@ class Persona:
     languages: list[str]
     data: PersonaData
     recipe: str = "sft"  # a recipe name under train/recipes/ or a YAML path
+    # The description in other languages ({"ko": "..."}), shown to a browser that asks for one.
+    descriptions: dict[str, str] = field(default_factory=dict)
     source: Path | None = None  # the YAML file, set by the loader
 
     def resolve(self, rel: str) -> Path:

@@ -62,9 +62,10 @@ class TrainingRecipe:
 
 @dataclass
 class SFTRecipe(TrainingRecipe):
-    # Languages of the persona data to train on. The default CPU base model is
-    # English-only; a multilingual base model can take [en, ko].
-    languages: list[str] = field(default_factory=lambda: ["en"])
+    # Languages of the persona data to train on; none given: the languages the base model
+    # speaks (a built-in model's record, or its model card's; train/base_model.languages), so
+    # SmolLM2 trains English and Gemma 3 English and Korean.
+    languages: list[str] | None = None
     lora: LoraSpec = field(default_factory=LoraSpec)
     weight_decay: float = 0.0
     # Padding-free batches: a batch's dialogues are concatenated into one row
@@ -144,6 +145,14 @@ class DPORecipe(TrainingRecipe):
                          include_own_system_prompt=self.include_own_system_prompt)
 
 
+def sft_languages(recipe: SFTRecipe, base: str) -> list[str]:
+    """The languages an SFT recipe trains on the base model at ``base``: its own list, or the
+    languages the base model speaks."""
+    from train.base_model import languages
+
+    return list(recipe.languages) if recipe.languages else languages(base)
+
+
 def recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
@@ -187,5 +196,5 @@ def _check(recipe, path: Path) -> None:
             raise ConfigError(f"{path}: key {key!r} must be positive, got {value}")
     if not 0 < recipe.learning_rate < 1:
         raise ConfigError(f"{path}: key 'learning_rate' must be between 0 and 1, got {recipe.learning_rate}")
-    if isinstance(recipe, SFTRecipe) and not recipe.languages:
-        raise ConfigError(f"{path}: key 'languages' lists no language")
+    if isinstance(recipe, SFTRecipe) and recipe.languages is not None and not recipe.languages:
+        raise ConfigError(f"{path}: key 'languages' lists no language (leave it out for the base model's)")

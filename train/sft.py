@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -24,9 +24,9 @@ from train import base_model, registry
 from train.chat_tokens import IGNORE
 from train.config import ConfigError
 from train.data import data_hash, load_files
-from train.evaluate import mean_nll, tokenize_examples
+from train.evaluate import nll_by_language, pooled, tokenize_examples
 from train.personas import Persona, load_persona
-from train.recipes import SFTRecipe, load_recipe
+from train.recipes import SFTRecipe, load_recipe, sft_languages
 from train.trainer_common import (add_common_arguments, apply_arguments, load_base, matmul_precision,
                                   schedule_fields, staged, utc_stamp, write_json)
 
@@ -55,6 +55,8 @@ def run(persona: Persona, recipe: SFTRecipe, base: str, activate: bool = True) -
 
     started = time.time()
     cuda = torch.cuda.is_available()
+    # Recorded with the languages it trains, so that the retraining step measures the same ones.
+    recipe = replace(recipe, languages=sft_languages(recipe, base))
     tokenizer = base_model.load_tokenizer(base)
     train_files = [(persona.resolve(f.path), f.language) for f in persona.files("train", recipe.languages)]
     heldout_files = [(persona.resolve(f.path), f.language) for f in persona.files("heldout", recipe.languages)]
@@ -78,12 +80,13 @@ def run(persona: Persona, recipe: SFTRecipe, base: str, activate: bool = True) -
         f"held-out: {len(heldout_tok)} prompts; languages={recipe.languages}"
     )
     pad_id = tokenizer.pad_token_id
-    base_eval = mean_nll(model, heldout_tok, pad_id) if heldout_tok else None
+    heldout_langs = [e.language for e in heldout_examples]
+    base_eval = nll_by_language(model, heldout_tok, heldout_langs, pad_id) if heldout_tok else None
 
     model = attach_lora(model, recipe, qlora)
     with staged(persona.name) as staging:  # nothing half-written is ever registered
         history = train_lora(model, tokenizer, kept, recipe, bf16, cuda, staging)
-        adapter_eval = mean_nll(model, heldout_tok, pad_id) if heldout_tok else None
+        adapter_eval = nll_by_language(model, heldout_tok, heldout_langs, pad_id) if heldout_tok else None
         model.save_pretrained(staging)
         metrics = _metrics(history, base_eval, adapter_eval, len(kept), dropped, time.time() - started)
         write_json(staging / "metrics.json", metrics)
@@ -222,14 +225,20 @@ def _metrics(history, base_eval, adapter_eval, n_train, n_dropped, seconds) -> d
         "train_seconds": round(seconds, 1),
     }
     if base_eval and adapter_eval:
-        metrics.update({
-            "heldout_nll_base": round(base_eval["mean_nll"], 4),
-            "heldout_nll_adapter": round(adapter_eval["mean_nll"], 4),
-            "heldout_nll_reduction": round(1 - adapter_eval["mean_nll"] / base_eval["mean_nll"], 4),
-            "heldout_answer_tokens": adapter_eval["answer_tokens"],
-            "heldout_examples": adapter_eval["examples"],
-        })
+        metrics.update(_heldout(pooled(base_eval), pooled(adapter_eval)))
+        # Per language too: {"en": {"heldout_nll_base": ..., "heldout_nll_adapter": ..., ...}, "ko": ...}
+        metrics["heldout_by_language"] = {lang: _heldout(base_eval[lang], adapter_eval[lang]) for lang in base_eval}
     return metrics
+
+
+def _heldout(base: dict, adapter: dict) -> dict:
+    return {
+        "heldout_nll_base": round(base["mean_nll"], 4),
+        "heldout_nll_adapter": round(adapter["mean_nll"], 4),
+        "heldout_nll_reduction": round(1 - adapter["mean_nll"] / base["mean_nll"], 4) if base["mean_nll"] else None,
+        "heldout_answer_tokens": adapter["answer_tokens"],
+        "heldout_examples": adapter["examples"],
+    }
 
 
 def _report(version: registry.AdapterVersion, metrics: dict, activate: bool) -> None:
@@ -241,4 +250,7 @@ def _report(version: registry.AdapterVersion, metrics: dict, activate: bool) -> 
             f"adapter {metrics['heldout_nll_adapter']:.3f} "
             f"({metrics['heldout_nll_reduction']:.1%} lower, {metrics['heldout_examples']} prompts)"
         )
+        for lang, m in metrics.get("heldout_by_language", {}).items():
+            console.print(f"  {lang}: {m['heldout_nll_base']:.3f} -> {m['heldout_nll_adapter']:.3f} "
+                          f"({m['heldout_nll_reduction'] or 0:.1%} lower, {m['heldout_examples']} prompts)")
     console.print(f"Training took {metrics['train_seconds']:.0f} s ({metrics['train_steps']} steps)")

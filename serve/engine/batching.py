@@ -298,7 +298,7 @@ class Batcher:
                     text, finish = text[:cut], "stop"
                 elif len(row.ids) >= s.max_tokens:
                     finish = "length"
-            ready = len(text) if finish else _safe_length(text, s.stop)
+            ready = len(text.rstrip(BROKEN)) if finish else _safe_length(text, s.stop)
             delta = text[row.sent:ready]
             row.sent = max(row.sent, ready)
             if delta or finish:
@@ -366,12 +366,16 @@ def _find_stop(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
+# What the tokenizer decodes an incomplete UTF-8 character into: one per byte with byte-fallback
+# tokens (Gemma's "<0xEB>", "<0x98>" are "\ufffd\ufffd" until "<0xA0>" completes "똠"), one
+# for a byte-level BPE token that ends mid-character (SmolLM2).
+BROKEN = "\ufffd"
+
+
 def _safe_length(text: str, stops: list[str]) -> int:
     """How much of ``text`` can be sent: hold back a tail that may begin a stop
-    sequence, and an incomplete UTF-8 character."""
-    end = len(text)
-    if text.endswith("\ufffd"):
-        end -= 1
+    sequence, and an incomplete UTF-8 character (all its bytes so far)."""
+    end = len(text.rstrip(BROKEN))
     for s in stops:
         for k in range(min(len(s) - 1, end), 0, -1):
             if text[:end].endswith(s[:k]):

@@ -29,6 +29,7 @@ class PersonaInfo:
     system_prompt: str
     display_name: str = ""
     description: str = ""
+    descriptions: dict[str, str] = field(default_factory=dict)  # in other languages: {"ko": "..."}
     active: int | None = None                             # active adapter version, None = no adapter yet
     candidate: int | None = None                          # version under test against the active one
     versions: dict[int, str] = field(default_factory=dict)  # version -> adapter folder

@@ -30,9 +30,39 @@ def _session(request: gr.Request) -> Session:
     return Session(request.session_hash or "anonymous", getattr(request, "username", None))
 
 
-def persona_choices(gateway: Gateway) -> list[tuple[str, str]]:
-    return [(f"{p.display_name or p.name}" + (f" — {p.description}" if p.description else ""), p.name)
-            for p in gateway.catalog.personas.values() if p.active is not None]
+def persona_choices(gateway: Gateway, languages: list[str] = ()) -> list[tuple[str, str]]:
+    """(label, name) of every persona with an adapter; the label's description in the first of
+    ``languages`` (the browser's, by preference) that the persona has one in."""
+    choices = []
+    for p in gateway.catalog.personas.values():
+        if p.active is None:
+            continue
+        description = next((p.descriptions[lang] for lang in languages if lang in p.descriptions), p.description)
+        choices.append((f"{p.display_name or p.name}" + (f" — {description}" if description else ""), p.name))
+    return choices
+
+
+def picker(gateway: Gateway, request: gr.Request):
+    """The persona picker as this browser reads it: the current personas, described in its language."""
+    return gr.update(choices=persona_choices(gateway, browser_languages(request)))
+
+
+def browser_languages(request: gr.Request | None) -> list[str]:
+    """The languages the browser asks for (its Accept-Language header, best first), as primary
+    tags: "ko-KR,ko;q=0.9,en-US;q=0.8" is ["ko", "en"]."""
+    header = request.headers.get("accept-language", "") if request is not None and request.headers else ""
+    ranked = []
+    for i, part in enumerate(header.split(",")):
+        tag, _, params = part.strip().partition(";")
+        q = 1.0
+        if params.strip().startswith("q="):
+            try:
+                q = float(params.strip()[2:])
+            except ValueError:
+                q = 0.0
+        if tag and tag != "*" and q > 0:
+            ranked.append((-q, i, tag.split("-")[0].lower()))
+    return list(dict.fromkeys(lang for *_, lang in sorted(ranked)))
 
 
 async def merge(**streams):
@@ -81,7 +111,11 @@ def build_ui(gateway: Gateway) -> gr.Blocks:
         dashboard = _dashboard(gateway)
         refresh.click(dashboard, None, outputs)
         dash.select(dashboard, None, outputs)
-        demo.load(lambda: gr.update(choices=persona_choices(gateway)), None, persona)
+
+        def load_picker(request: gr.Request):  # on each page load, in the browser's language
+            return picker(gateway, request)
+
+        demo.load(load_picker, None, persona)
     return demo
 
 
@@ -295,11 +329,7 @@ def dashboard_outputs(gateway: Gateway, figures: dict, over_time: list[dict], te
             if exp is not None:
                 candidate = f", challenger **v{exp['challenger']}** (A/B experiment `{exp['id']}`)"
             lines.append(f"- {p.display_name or p.name}: active **v{p.active}**{candidate}")
-    adapters = pd.DataFrame([
-        {"persona": a["persona"], "version": f"v{a['version']}", "status": a["status"], "kind": a["kind"],
-         "parent": f"v{a['parent_version']}" if a["parent_version"] else "",
-         **{k: round(v, 4) for k, v in a["metrics"].items() if isinstance(v, float)}}
-        for a in figures["adapters"]])
+    adapters = adapter_table(figures["adapters"])
     runs = pd.DataFrame([
         {"run": r["id"], "persona": r["persona"], "kind": r["kind"], "status": r["status"],
          "from": f"v{r['parent_version']}" if r["parent_version"] else "",
@@ -318,6 +348,26 @@ def dashboard_outputs(gateway: Gateway, figures: dict, over_time: list[dict], te
                         "no side-by-side votes yet", label=lambda r: r["bias"]),
             plots.runs(figures["training_runs"]),
             adapters, runs, experiment_table(list(tested)), *voter_outputs(figures)]
+
+
+def adapter_table(rows: list[dict]):
+    """The dashboard's "Adapters" table: each version's figures, with its SFT run's held-out
+    loss per language ("held-out NLL ko", and how much below the base model's it is)."""
+    import pandas as pd
+
+    def per_language(metrics: dict) -> dict:
+        out = {}
+        for lang, m in sorted((metrics.get("heldout_by_language") or {}).items()):
+            out[f"held-out NLL {lang}"] = m.get("heldout_nll_adapter")
+            out[f"held-out NLL {lang} before"] = m.get("heldout_nll_base")
+        return out
+
+    return pd.DataFrame([
+        {"persona": a["persona"], "version": f"v{a['version']}", "status": a["status"], "kind": a["kind"],
+         "parent": f"v{a['parent_version']}" if a["parent_version"] else "",
+         **{k: round(v, 4) for k, v in a["metrics"].items() if isinstance(v, float)},
+         **per_language(a["metrics"])}
+        for a in rows])
 
 
 def voter_outputs(figures: dict) -> tuple:
