@@ -140,11 +140,11 @@ def test_limits_are_400_or_413(client, s):
         ask(client, max_tokens=100_000)
     with pytest.raises(openai.BadRequestError, match="messages"):
         ask(client, messages=[{"role": "user", "content": "x"}] * 300)
-    big = httpx.post(s.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+    json_headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    big = httpx.post(s.url + "/v1/chat/completions", headers=json_headers,
                      content=b"{" + b" " * (2 << 20) + b"}")
     assert big.status_code == 413 and "limit" in big.json()["error"]["message"]
-    bad = httpx.post(s.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                     content=b"{not json")
+    bad = httpx.post(s.url + "/v1/chat/completions", headers=json_headers, content=b"{not json")
     assert bad.status_code == 400 and bad.json()["error"]["message"]
 
 
