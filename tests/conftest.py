@@ -4,6 +4,7 @@ model with the real tokenizer for fast training tests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -115,3 +116,21 @@ def write_jsonl(path: Path, records: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def stop_process_group(proc, grace: float = 60) -> None:
+    """Stop a `persona up` started with ``start_new_session=True``: SIGTERM (its drain), up to
+    ``grace`` seconds, then SIGKILL to whatever is left of its group (the engine too)."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

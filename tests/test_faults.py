@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import make_lora
+from conftest import make_lora, stop_process_group
 from test_loop import tiny_home  # noqa: F401 - the fixture: persona 'tiny' with an active v1
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}]}
@@ -40,15 +40,7 @@ def gateway_process(env: dict, tmp_path: Path, *extra: str):
         wait_for(url, proc, 300, log)
         yield url, proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
-        proc.wait()
+        stop_process_group(proc)
 
 
 def children(pid: int) -> list[int]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import httpx
 
+from conftest import stop_process_group
 from test_cli import persona
 from test_faults import home
 from test_loop import tiny_home  # noqa: F401 - the fixture: persona 'tiny' with an active v1
@@ -55,14 +55,7 @@ def gateway_on(host: str, env: dict, log, *extra: str):
         wait_for(url, proc, 300, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_process_group(proc)
 
 
 def test_a_retrain_works_with_key_files_only(tiny_home, tmp_path):
