@@ -5,8 +5,8 @@ gateway in front of the embedded engine on the tiny model):
 * one key's 70 streams that it never reads do not stop a second key's chat;
 * 16 non-streaming callers that hang up leave nothing in flight, in the gateway or in the
   engine's batch, within 5 s (their answers would take 10 s);
-* a body that trickles in gets 408 and its connection closed; an idle keep-alive
-  connection is closed;
+* a body that trickles in gets 408 and its connection closed; so is a connection that
+  sends nothing or trickles its headers; an idle keep-alive connection is closed;
 * the per-key rate limit, and slots weighted by ``n`` (``serve/gateway/slots.py``).
 
 Decoding is slowed to 50 ms a step (``slow_decode``) so that an answer of 200 tokens
@@ -165,6 +165,43 @@ def test_a_trickled_body_gets_408_and_its_connection_closed(s):
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"request_timeout" in answer and b"within 1 s" in answer
     assert time.monotonic() - start < 8, "the connection was closed, not left open"
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed ``sock`` (reading nothing), or None if it did not."""
+    start = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        data = sock.recv(65536)
+    except TimeoutError:
+        return None
+    except OSError:
+        data = b""
+    return time.monotonic() - start if data == b"" else None
+
+
+@pytest.mark.parametrize("head", [b"", b"GET /health HTTP/1.1\r\nHo"], ids=["silent", "trickled-head"])
+def test_a_connection_whose_head_never_completes_is_closed(s, head):
+    parts = urlsplit(s.url)
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.sendall(head)
+        closed = None
+        for byte in b"st: x\r\nX-Slow: " + b"y" * 40:  # a byte every 0.25 s, the head never ends
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = 0.0
+                break
+            if (closed := closed_within(sock, 0.25)) is not None:
+                break
+        assert closed is not None, "the server kept a connection whose head was still trickling after 11 s"
+
+
+def test_a_prompt_second_request_on_a_kept_alive_connection_is_served(s):
+    with httpx.Client(base_url=s.url) as client:  # one connection, reused
+        for _ in range(3):
+            assert client.get("/health").status_code == 200
+            time.sleep(0.5)  # under the 1 s deadline between requests
 
 
 def test_an_idle_keep_alive_connection_is_closed(s):

@@ -326,35 +326,36 @@ def judge_jobs(api: Api, raters: list[Rater], args, rng: random.Random, jobs: li
 
 
 def ab_batch(api: Api, raters: list[Rater], args, rng: random.Random, active: int, challenger: int,
-             comparisons: int) -> int:
+             comparisons: int) -> dict[str, int]:
     """About ``comparisons`` side-by-side votes between the two pinned versions: each prompt
-    asked of both with one seed, judged by every rater; returns how many were posted."""
+    asked of both with one seed, judged by every rater; returns the verdicts posted, counted."""
     jobs = []
     for _ in range(max(1, comparisons // len(raters))):
         prompt, seed, left = rng.choice(args.prompts_list), rng.randrange(1 << 30), rng.choice("ab")
         jobs.append((prompt, (f"{args.persona}@v{active}", seed), (f"{args.persona}@v{challenger}", seed), left))
-    counts = judge_jobs(api, raters, args, rng, jobs, f"A/B: v{challenger} against v{active}")
-    return sum(counts.values())
+    return judge_jobs(api, raters, args, rng, jobs, f"A/B: v{challenger} against v{active}")
 
 
 def play_ab(api: Api, raters: list[Rater], args, rng: random.Random, experiment: dict | None) -> dict | None:
     """Vote in a running A/B experiment, unattended, until the gateway decides it; stop it
-    after ``--ab-max-votes`` comparisons. Returns the experiment as it ends, with ``played``
-    (the comparisons posted)."""
+    after ``--ab-max-votes`` decisive comparisons (a tie tells the test nothing, so a taste
+    that ties often is not cut short by its ties), or four times as many in all. Returns
+    the experiment as it ends, with ``played`` (the comparisons posted)."""
     if experiment is None:
         console.print("[yellow]the run left a challenger, but the gateway lists no experiment of it: no A/B votes[/]")
         return None
     active, challenger = version_number(experiment["active"]), version_number(experiment["challenger"])
-    played = 0
-    while experiment["status"] == "running" and played < args.ab_max_votes:
-        played += ab_batch(api, raters, args, rng, active, challenger, min(AB_BATCH, args.ab_max_votes - played))
+    played = decisive = 0
+    while experiment["status"] == "running" and decisive < args.ab_max_votes and played < 4 * args.ab_max_votes:
+        counts = ab_batch(api, raters, args, rng, active, challenger, min(AB_BATCH, args.ab_max_votes - decisive))
+        played, decisive = played + sum(counts.values()), decisive + counts["a"] + counts["b"]
         experiment = api.experiment(args.persona, challenger) or experiment
     stopped = experiment["status"] == "running" and api.stop_experiment(experiment["id"])
     if experiment["status"] == "running":
         experiment = api.experiment(args.persona, challenger) or {**experiment, "status": "stopped"}
     if stopped:
-        console.print(f"[yellow]A/B of v{challenger} against v{active}: still undecided after {played} comparisons "
-                      f"(--ab-max-votes {args.ab_max_votes}): stopped it[/]")
+        console.print(f"[yellow]A/B of v{challenger} against v{active}: still undecided after {played} comparisons, "
+                      f"{decisive} decisive (--ab-max-votes {args.ab_max_votes}): stopped it[/]")
     else:
         console.print(f"A/B of v{challenger} against v{active}: {experiment['status']} after {played} comparisons")
     return {**experiment, "played": played}
@@ -501,7 +502,8 @@ def add_arguments(p) -> None:
                         "(default), at once (gate), or as the challenger of an A/B experiment (ab), whose "
                         "side-by-side votes the raters then play until the gateway decides it")
     p.add_argument("--ab-max-votes", type=int, default=128,
-                   help="A/B comparisons played at most; an experiment still undecided then is stopped")
+                   help="decisive A/B comparisons (not ties) played at most, and four times as many in all; "
+                        "an experiment still undecided then is stopped")
     p.add_argument("--out", help="also write the table to this file, as JSON (a list of rows)")
     p.add_argument("--gateway", default="http://127.0.0.1:7860")
     p.set_defaults(func=main)

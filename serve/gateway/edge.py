@@ -17,7 +17,10 @@ and the server options that bound what a connection may hold.
   send no Origin and are not affected.
 * **Body deadline.** A request's body must arrive within ``body_timeout`` seconds of
   waiting for it: a caller that trickles a body gets 408 and its connection is closed.
-* **Server options.** Idle keep-alive connections close after ``keep_alive_timeout``;
+* **Server options.** Idle keep-alive connections close after ``keep_alive_timeout``; a
+  request's head (its line and headers) must arrive within ``body_timeout`` seconds too,
+  or the connection is closed (``head_deadline.py``: a caller that connects and sends
+  nothing, or trickles its headers, holds no connection);
   proxy headers (``X-Forwarded-For``, ``-Proto``) are believed only from the addresses in
   ``forwarded_allow_ips`` (none by default: uvicorn's own default believes loopback, so a
   same-host proxy that passes the header through would make every caller "loopback").
@@ -155,7 +158,11 @@ async def _no_body():
 
 def server_options(config) -> dict:
     """uvicorn's options for the gateway (``persona up``, and the tests' servers): the
-    keep-alive bound, and proxy headers believed only from ``forwarded_allow_ips``."""
+    keep-alive bound, a request head's deadline (``body_timeout`` too), and proxy headers
+    believed only from ``forwarded_allow_ips``."""
+    from serve.gateway.head_deadline import head_deadline_protocol
+
     proxies = list(config.forwarded_allow_ips)
-    return {"timeout_keep_alive": config.keep_alive_timeout, "proxy_headers": bool(proxies),
+    return {"timeout_keep_alive": config.keep_alive_timeout, "http": head_deadline_protocol(config.body_timeout),
+            "proxy_headers": bool(proxies),
             "forwarded_allow_ips": proxies or None}
