@@ -96,8 +96,10 @@ class FakeGateway:
 
     def __init__(self, going: str | None = None, status: str = "promoted", polls: int = 2,
                  decide_after: int | None = None, busy_every: int = 0, in_share: bool = False,
-                 decide_at_stop: bool = False):
+                 decide_at_stop: bool = False, retire: bool = False):
         from feedback import runs
+
+        self.retire = retire  # the experiment ends with the challenger retired (no longer served)
 
         self.decide_at_stop = decide_at_stop
 
@@ -126,6 +128,9 @@ class FakeGateway:
         def chat(body: dict, request: Request):
             model, seed = body["model"], body.get("seed") or 0
             version = int(model.split("@v")[1]) if "@v" in model else self.active
+            if "@v" in model and any(e["status"] == "retired" and e["challenger"] == version for e in self.experiments):
+                return JSONResponse({"error": {"message": f"The model `{model}` is not served: teto v{version} was "
+                                                          "retired: lost A/B experiment exp-1"}}, 404)
             running = next((e for e in self.experiments if e["status"] == "running"), None)
             if "@v" not in model and self.in_share and running:
                 version = running["challenger"]
@@ -194,12 +199,13 @@ class FakeGateway:
         self.looks[run["id"]] = looks = self.looks.get(run["id"], 0) + 1
         if run["status"] != "running" or looks < self.polls:
             return
-        run.update(status=self.status, adapter_version=2, reward_accuracy=0.75,
+        status = "rejected" if any(e["status"] == "retired" for e in self.experiments) else self.status
+        run.update(status=status, adapter_version=2, reward_accuracy=0.75,
                    metrics={"reward_model": {"heldout_accuracy": 0.625}})
-        if self.status == "challenger":
+        if status == "challenger":
             self.experiments.insert(0, {"id": "exp-1", "persona": "teto", "challenger": 2, "active": 1,
                                         "status": "running", "figures": {"votes": 0, "wins": 0}})
-        elif self.status == "promoted":
+        elif status == "promoted":
             self.active = 2
 
     def _count(self, body: dict) -> None:
@@ -213,7 +219,10 @@ class FakeGateway:
         figures["wins"] += 1 if body["choice"] == versions[2] else 0.5 if body["choice"] == "tie" else 0
         figures.update(win_rate=figures["wins"] / figures["votes"], low=0.4, high=0.9)
         if self.decide_after is not None and figures["votes"] >= self.decide_after:
-            experiment["status"], self.active = "promoted", 2
+            if self.retire:
+                experiment["status"] = "retired"
+            else:
+                experiment["status"], self.active = "promoted", 2
 
 
 @pytest.fixture
@@ -305,6 +314,19 @@ def test_promotion_ab_plays_the_pinned_versions_until_the_experiment_is_decided(
     cell = simulate.ab_cell(row["ab"])
     assert cell.startswith(f"promoted {row['ab']['figures']['wins']:g}/{row['ab']['figures']['votes']} (0.40-0.90)")
     assert "promoted after" in said(capsys)
+
+
+def test_pairs_of_a_challenger_retired_mid_round_are_dropped_not_fatal(gateway, tmp_path, capsys):
+    """The round's votes retire the challenger while the rest of its batch is still being
+    asked: those pinned chats hear 404 (the version is no longer served); the simulator
+    drops them and goes on with the active version."""
+    fake, url = gateway(status="challenger", decide_after=4, retire=True)
+    rows = simulate_main(url, tmp_path, "--rater", "train.raters:shorter", "--pairs-per-round", "16", rounds=2)
+    assert rows[2]["ab"]["status"] == "retired" and rows[2]["served"] == 1
+    gone = [m for m, _, _ in fake.chats if m == "teto@v2"]
+    ab = [b for _, b in fake.comparisons if fake.turns[b["turn_b"]][0] == 2]
+    assert len(ab) < 16 and len(ab) >= 4        # the batch was cut short by the retirement
+    assert len(gone) >= len(ab)
 
 
 def test_promotion_ab_stops_an_undecided_experiment_at_ab_max_votes(gateway, tmp_path, capsys):

@@ -124,6 +124,11 @@ def version_number(value) -> int:
     return int(match.group(1))
 
 
+class VersionGone(UserError):
+    """A pinned version (``teto@v6``) that is no longer served: the experiment it was in was
+    decided (retired, or promoted and swapped out) while its side-by-side round was asked."""
+
+
 class Api:
     def __init__(self, url: str):
         import httpx
@@ -136,6 +141,8 @@ class Api:
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                 "temperature": temperature, **({"seed": seed} if seed is not None else {})}
         r = self._post("/v1/chat/completions", body, headers or {})
+        if r.status_code == 404 and "@v" in model and "is not served" in r.text:
+            raise VersionGone(f"{model} is no longer served: {r.text[:200]}")
         if r.status_code != 200:
             raise UserError(f"the gateway refused a chat ({r.status_code}): {r.text[:200]}")
         return r.json()
@@ -298,7 +305,8 @@ def rate_round(api: Api, raters: list[Rater], args, rng: random.Random, round_no
 def judge_jobs(api: Api, raters: list[Rater], args, rng: random.Random, jobs: list, label: str) -> dict[str, int]:
     """Each job (prompt, (model, seed) of answer one, (model, seed) of answer two, which is left)
     asked and judged by every rater under its own key, and the comparison posted (turn_a is
-    answer one); returns the verdicts posted (as shown, left = a), counted."""
+    answer one); returns the verdicts posted (as shown, left = a), counted. A job whose pinned
+    version stopped being served meanwhile (its experiment decided) is dropped, not an error."""
     work = [(job, rater, rater.keys[j % len(rater.keys)], rng.random() < args.flip)
             for j, job in enumerate(jobs) for rater in raters]  # a rater's pairs spread evenly over its keys
 
@@ -306,8 +314,11 @@ def judge_jobs(api: Api, raters: list[Rater], args, rng: random.Random, jobs: li
         (prompt, (model_one, seed_one), (model_two, seed_two), left), rater, headers, flipped = item
         # both answers at once: the engine batches them with the other jobs' (twice the rows per step)
         second = seconds.submit(api.ask, model_two, prompt, args.max_tokens, args.temperature, seed_two, headers)
-        one = api.ask(model_one, prompt, args.max_tokens, args.temperature, seed_one, headers)
-        two = second.result()
+        try:
+            one = api.ask(model_one, prompt, args.max_tokens, args.temperature, seed_one, headers)
+            two = second.result()
+        except VersionGone:  # the experiment was decided meanwhile: this pair no longer counts
+            return None
         shown = (one, two) if left == "a" else (two, one)
         verdict = rater.judge(prompt, *(_text(s) for s in shown))
         verdict = flip(verdict) if flipped else verdict
@@ -320,7 +331,8 @@ def judge_jobs(api: Api, raters: list[Rater], args, rng: random.Random, jobs: li
             ThreadPoolExecutor(args.workers) as seconds:
         task = progress.add_task(label, total=len(work))
         for verdict in pool.map(rate_one, work):
-            counts[verdict] += 1
+            if verdict is not None:
+                counts[verdict] += 1
             progress.advance(task)
     return counts
 
@@ -350,6 +362,8 @@ def play_ab(api: Api, raters: list[Rater], args, rng: random.Random, experiment:
         counts = ab_batch(api, raters, args, rng, active, challenger, min(AB_BATCH, args.ab_max_votes - decisive))
         played, decisive = played + sum(counts.values()), decisive + counts["a"] + counts["b"]
         experiment = api.experiment(args.persona, challenger) or experiment
+        if not sum(counts.values()):  # a version of the pair is no longer served: nothing more can be played
+            break
     stopped = experiment["status"] == "running" and api.stop_experiment(experiment["id"])
     if experiment["status"] == "running":
         experiment = api.experiment(args.persona, challenger) or {**experiment, "status": "stopped"}
