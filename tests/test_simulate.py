@@ -130,7 +130,8 @@ class FakeGateway:
             version = int(model.split("@v")[1]) if "@v" in model else self.active
             if "@v" in model and any(e["status"] == "retired" and e["challenger"] == version for e in self.experiments):
                 return JSONResponse({"error": {"message": f"The model `{model}` is not served: teto v{version} was "
-                                                          "retired: lost A/B experiment exp-1"}}, 404)
+                                                          "retired: lost A/B experiment exp-1",
+                                               "code": "model_not_found"}}, 404)
             running = next((e for e in self.experiments if e["status"] == "running"), None)
             if "@v" not in model and self.in_share and running:
                 version = running["challenger"]

@@ -53,6 +53,14 @@ def error_message(response) -> str:
         return response.text[:300]
 
 
+def error_code(response) -> str | None:
+    """The ``code`` of an error response in OpenAI's shape, or None."""
+    try:
+        return response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class GatewayClient:
     """The gateway's admin routes, for every command that talks to a running gateway."""
 

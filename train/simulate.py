@@ -49,7 +49,7 @@ from rich.table import Table
 from feedback import runs
 from feedback.errors import UserError
 from feedback.keys import configured_keys
-from train.loop import GatewayClient, error_message
+from train.loop import GatewayClient, error_code, error_message
 
 console = Console()
 
@@ -141,7 +141,7 @@ class Api:
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                 "temperature": temperature, **({"seed": seed} if seed is not None else {})}
         r = self._post("/v1/chat/completions", body, headers or {})
-        if r.status_code == 404 and "@v" in model and "is not served" in r.text:
+        if r.status_code == 404 and "@v" in model and error_code(r) == "model_not_found":
             raise VersionGone(f"{model} is no longer served: {r.text[:200]}")
         if r.status_code != 200:
             raise UserError(f"the gateway refused a chat ({r.status_code}): {r.text[:200]}")

@@ -49,16 +49,14 @@ class HeadDeadlineH11(H11Protocol):
         self._head_timer = self.loop.call_later(self.head_timeout, self._expired)
 
     def _disarm(self) -> None:
-        if getattr(self, "_head_timer", None) is not None:
+        if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
     def _expired(self) -> None:
         self._head_timer = None
-        if self.cycle is not self._waiting_cycle or self.transport.get_protocol() is not self:
-            return  # a request is under way, or the connection belongs to another protocol now
-        if self.cycle is None or self.cycle.response_complete:
-            self.transport.close()
+        if self.cycle is self._waiting_cycle and self.transport.get_protocol() is self:
+            self.transport.close()  # no new request began, and the connection is still HTTP's
 
 
 def head_deadline_protocol(seconds: float) -> type[HeadDeadlineH11]:
