@@ -38,14 +38,28 @@ def test_replay_keeps_new_pairs_and_heldout_and_bounds_the_rest():
             + [{"versions": [1, 2], "split": "train", "n": 100 + i} for i in range(200)]
             + [{"versions": [1, 1], "split": "heldout", "n": 500 + i} for i in range(30)])
     kept, figures = bound_replay(rows, active_version=3, limit=48, seed=0)
-    assert figures == {"new": 10, "new_kept": 10, "replayed": 48, "earlier": 200}
+    assert figures == {"new": 10, "new_kept": 10, "replayed": 48, "earlier": 200, "heldout": 30, "heldout_kept": 30}
     assert sum(r["split"] == "heldout" for r in kept) == 30
     assert {r["n"] for r in kept if 3 in r["versions"]} == set(range(10))
     again, _ = bound_replay(rows, active_version=3, limit=48, seed=0)
     assert [r["n"] for r in again] == [r["n"] for r in kept]               # seeded: the same replay
     assert bound_replay(rows, 3, 1000, 0)[1]["replayed"] == 200            # fewer earlier pairs than the bound
     kept, figures = bound_replay(rows, active_version=1, limit=48, seed=0, max_new=96)   # v1 stayed active
-    assert figures == {"new": 200, "new_kept": 96, "replayed": 10, "earlier": 10} and len(kept) == 96 + 10 + 30
+    assert figures["new_kept"] == 96 and figures["replayed"] == 10 and len(kept) == 96 + 10 + 30
+
+
+def test_heldout_pairs_are_bounded_with_the_active_versions_own_first():
+    rows = ([{"versions": [1, 2], "split": "heldout", "n": i} for i in range(60)]
+            + [{"versions": [3, 2], "split": "heldout", "n": 100 + i} for i in range(20)]
+            + [{"versions": [3, 3], "split": "train", "n": 200 + i} for i in range(5)])
+    kept, figures = bound_replay(rows, active_version=3, limit=48, seed=0, max_heldout=48)
+    held = [r["n"] for r in kept if r["split"] == "heldout"]
+    assert figures["heldout"] == 80 and figures["heldout_kept"] == 48 == len(held) == len(set(held))
+    assert set(range(100, 120)) <= set(held)                               # every pair of v3's own answers
+    assert bound_replay(rows, 3, 48, 0, max_heldout=48)[0] == kept         # seeded
+    kept, figures = bound_replay(rows, active_version=3, limit=48, seed=0, max_heldout=10)
+    assert {r["n"] for r in kept if r["split"] == "heldout"} <= set(range(100, 120)) and figures["heldout_kept"] == 10
+    assert bound_replay(rows, 3, 48, 0)[1]["heldout_kept"] == 80           # no bound: all judged
 
 
 def simulated_pairs(n, dim, rng, noise=0.0):

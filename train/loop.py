@@ -202,7 +202,7 @@ def export_preferences(db, persona: str, recipe, run_dir: Path, active_version: 
     rows, figures = voters.apply_run_rules(export.read_rows(db, table), recipe.share_cap, recipe.heldout_percent,
                                            recipe.min_voters)
     rows, figures["replay"] = bound_replay(rows, active_version, recipe.replay_pairs, recipe.seed,
-                                            recipe.max_new_pairs)
+                                            recipe.max_new_pairs, recipe.max_heldout_pairs)
     export.write_back(db, table, rows)
     figures["outliers"] = pairs.built_outliers(db, persona)
     data = run_dir / f"{kind}.parquet"
@@ -213,7 +213,8 @@ def export_preferences(db, persona: str, recipe, run_dir: Path, active_version: 
                   f"{figures['split']}, largest voter share {figures['largest_share_after']:.0%}; "
                   f"{figures['replay']['new_kept']} of {figures['replay']['new']} new pairs, "
                   f"{figures['replay']['replayed']} of "
-                  f"{figures['replay']['earlier']} earlier ones replayed)")
+                  f"{figures['replay']['earlier']} earlier ones replayed; {figures['replay']['heldout_kept']} of "
+                  f"{figures['replay']['heldout']} held-out pairs judged)")
     return data, kind, train, figures
 
 

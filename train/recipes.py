@@ -112,6 +112,7 @@ class DPORecipe(TrainingRecipe):
     # at most this many earlier pairs, so a run's time stays flat as votes accumulate.
     replay_pairs: int = 24
     max_new_pairs: int = 64               # new pairs a run trains on, at most (drawn at random)
+    max_heldout_pairs: int = 48           # held-out pairs the gate judges, at most (the active version's first)
     # Anchor (RPO): rpo_alpha x the chosen answers' NLL per token added to the DPO loss.
     rpo_alpha: float = 0.5
     # Anchor (persona): persona_anchor x the NLL per token of anchor_batch_size of the persona's
@@ -182,7 +183,8 @@ def _check(recipe, path: Path) -> None:
     if isinstance(recipe, DPORecipe):
         positive.update(beta=recipe.beta, min_pairs=recipe.min_pairs, min_voters=recipe.min_voters,
                         outlier_min_shared=recipe.outlier_min_shared, share_cap=recipe.share_cap,
-                        anchor_batch_size=recipe.anchor_batch_size)
+                        anchor_batch_size=recipe.anchor_batch_size, max_new_pairs=recipe.max_new_pairs,
+                        max_heldout_pairs=recipe.max_heldout_pairs)
         if recipe.persona_anchor < 0 or recipe.rpo_alpha < 0:
             raise ConfigError(f"{path}: keys 'persona_anchor' and 'rpo_alpha' are weights, 0 or more")
         if recipe.share_cap > 1:
