@@ -32,7 +32,6 @@ import json
 import math
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -42,8 +41,10 @@ from rich.console import Console
 from train import base_model, registry, reward
 from train.config import ConfigError
 from train.evaluate import adapters_nll, split_hash
+from train.pair_logps import completion_logps, pair_logps
 from train.personas import Persona, load_persona
 from train.recipes import DPORecipe, SFTRecipe, load_recipe, sft_languages
+from train.timing import Phases
 from train.trainer_common import (add_common_arguments, apply_arguments, load_base, matmul_precision,
                                   schedule_fields, staged, switch, utc_stamp, write_json)
 
@@ -184,16 +185,17 @@ def trainer_config(recipe: DPORecipe, kind: str, cuda: bool, output_dir: Path, *
 
 
 def make_trainer(model, tokenizer, train_rows: list[dict], config, kind: str, lean: bool = True,
-                 rpo_alpha: float = 0.0):
+                 rpo_alpha: float = 0.0, pack_pairs: bool = True):
     """TRL's trainer for ``kind``, with each row's weight in the loss; ``lean`` swaps in the
     lean DPO loss where it applies (sigmoid loss, precomputed reference log-probs), with
-    ``rpo_alpha`` x the chosen answers' NLL per token added (RPO's anchor)."""
+    ``rpo_alpha`` x the chosen answers' NLL per token added (RPO's anchor) and each pair's
+    prompt computed once (``pack_pairs``, train/pair_logps.py)."""
     from datasets import Dataset
 
     if kind == "dpo":
         lean = lean and list(config.loss_type) == ["sigmoid"] and config.precompute_ref_log_probs \
             and config.ld_alpha is None
-        cls = _lean_dpo_class() if lean else _weighted_dpo_class()
+        cls = _lean_dpo_class(pack_pairs) if lean else _weighted_dpo_class()
     else:
         cls = _weighted_kto_class()
     if rpo_alpha and kind == "dpo" and not lean:
@@ -319,28 +321,13 @@ def _weighted_kto_class():
     return WeightedKTOTrainer
 
 
-def completion_logps(model, inputs, per_token: bool = False):
-    """Summed log-probs of each sequence's completion tokens, with the LM head applied only
-    at completion positions (TRL's fused head computes log-probs, entropy and top-1 for
-    every position over the whole vocabulary); ``per_token``: also their token counts."""
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                        use_cache=False).last_hidden_state
-    mask = inputs["completion_mask"][:, 1:].bool()
-    rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
-    logits = base.lm_head(hidden[:, :-1][mask]).float()
-    token_logps = -torch.nn.functional.cross_entropy(logits, inputs["input_ids"][:, 1:][mask], reduction="none")
-    sums = torch.zeros(mask.size(0), dtype=token_logps.dtype, device=mask.device).index_add(0, rows, token_logps)
-    return (sums, mask.sum(1).clamp(min=1)) if per_token else sums
-
-
-def _lean_dpo_class():
+def _lean_dpo_class(pack_pairs: bool = True):
     """DPOTrainer with the sigmoid DPO loss, each pair's times its weight, computed from
-    completion positions only."""
+    completion positions only (and each pair's prompt once, with ``pack_pairs``)."""
     import torch.nn.functional as F
     from trl import DPOTrainer
+
+    logps_of = pair_logps if pack_pairs else completion_logps
 
     class LeanDPOTrainer(_WeightColumn, DPOTrainer):
         def compute_ref_log_probs(self, model, inputs):
@@ -351,11 +338,11 @@ def _lean_dpo_class():
             unwrapped = self.accelerator.unwrap_model(self.model)
             with torch.no_grad(), use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config
                                                else None):
-                return completion_logps(self.model, inputs).chunk(2, dim=0)
+                return logps_of(self.model, inputs).chunk(2, dim=0)
 
         def _compute_loss(self, model, inputs, return_outputs):
             mode = "train" if self.model.training else "eval"
-            logps, tokens = completion_logps(model, inputs, per_token=True)
+            logps, tokens = logps_of(model, inputs, per_token=True)
             (chosen, rejected), chosen_tokens = logps.chunk(2, dim=0), tokens.chunk(2, dim=0)[0]
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             chosen_rewards = self.beta * (chosen - ref_chosen)
@@ -461,13 +448,17 @@ def train(persona: Persona, data: PreferenceData, recipe: DPORecipe,
     console.print(f"[bold]{data.kind.upper()}[/] persona={persona.name} from {active.name}: {len(data.train)} "
                   f"train, {len(data.heldout)} held-out examples; beta={recipe.beta} lr={recipe.learning_rate}")
     with phases("reward_model"):
-        extra, rm_report = reward.augment(model, tokenizer, persona, data, recipe)
+        extra, rm_report = reward.augment(model, tokenizer, persona, data, recipe, base)
     if extra:
         console.print(f"reward model (held-out accuracy {rm_report['heldout_accuracy']}, cross-validated "
                       f"{rm_report['cv_accuracy']}): {len(extra)} extra pairs from {rm_report['prompts']} prompts")
     with staged(persona.name) as staging:
         config = trainer_config(recipe, data.kind, cuda, staging / "trainer")
-        trainer = make_trainer(model, tokenizer, data.train + extra, config, data.kind, rpo_alpha=recipe.rpo_alpha)
+        # TRL computes the reference log-probs as it builds the trainer: in the training's
+        # precision, so that before the first step the policy's equal them
+        with matmul_precision(recipe.float32_matmul_precision), phases("reference"):
+            trainer = make_trainer(model, tokenizer, data.train + extra, config, data.kind,
+                                   rpo_alpha=recipe.rpo_alpha)
         if data.kind == "dpo":  # read by the lean DPO loss (the default), as rpo_alpha is
             trainer.anchor = PersonaAnchor.for_persona(persona, tokenizer, recipe, languages)
         with matmul_precision(recipe.float32_matmul_precision), phases("train"):
@@ -485,21 +476,6 @@ def train(persona: Persona, data: PreferenceData, recipe: DPORecipe,
                 "parent_version": active.version, "qlora": qlora, "created_at": utc_stamp()}
         version = registry.commit(persona.name, staging, meta)
     return version, metrics
-
-
-class Phases:
-    """Seconds spent in each named phase of a run: ``with phases("train"): ...``."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        started = time.time()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - started, 1)
 
 
 def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, recipe: DPORecipe,

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from contextlib import nullcontext
+import os
+from contextlib import contextmanager, nullcontext
 import random
 import time
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -98,6 +101,59 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
                                          return_dict=True)["input_ids"]
 
 
+class FeatureCache:
+    """Features of answers already computed, kept between runs: the base model's features of
+    an answer never change, and a run sees its held-out pairs and replayed pairs again (most
+    of a run's answers are new, though: the third run of a simulation computed 242 of its
+    answers' features). One file per persona and base model under ``PERSONA_HOME/cache/reward-features``,
+    at most ``limit`` answers (the least recently used go), written atomically."""
+
+    def __init__(self, path: Path | None, limit: int = 4000):
+        self.path, self.limit, self.rows, self.computed = path, limit, {}, 0
+        if path is not None and path.is_file():
+            try:
+                with np.load(path) as data:
+                    self.rows = dict(zip(data["keys"].tolist(), data["features"]))
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                self.rows = {}  # unreadable: computed again, and written anew
+
+    @classmethod
+    def for_run(cls, persona, base: str | None) -> FeatureCache:
+        if base is None:
+            return cls(None)
+        from feedback.settings import home
+
+        name = hashlib.sha1(str(base).encode()).hexdigest()[:12]
+        return cls(home() / "cache" / "reward-features" / f"{persona.name}-{name}.npz")
+
+    @staticmethod
+    def key(messages: list[dict], answer: str) -> str:
+        return hashlib.sha1(f"{_context(messages)}\0{answer}".encode()).hexdigest()
+
+    def features(self, model, tokenizer, items: list[tuple[list[dict], str]]) -> np.ndarray:
+        """``answer_features`` of ``items``, computing only the ones not known."""
+        keys = [self.key(list(m), a) for m, a in items]
+        first: dict[str, tuple] = {}
+        for item, k in zip(items, keys):
+            first.setdefault(k, item)
+        missing = [k for k in first if k not in self.rows]
+        if missing:
+            self.rows.update(zip(missing, answer_features(model, tokenizer, [first[k] for k in missing])))
+        self.computed += len(missing)
+        for k in first:  # most recently used last
+            self.rows[k] = self.rows.pop(k)
+        return np.stack([self.rows[k] for k in keys])
+
+    def save(self) -> None:
+        if self.path is None or not self.rows:
+            return
+        keep = list(self.rows)[-self.limit :]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial.npz")
+        np.savez(partial, keys=np.array(keep), features=np.stack([self.rows[k] for k in keep]))
+        os.replace(partial, self.path)
+
+
 def answer_features(model, tokenizer, items: list[tuple[list[dict], str]], batch_size: int = 16) -> np.ndarray:
     """Features of (prompt messages, answer) pairs from the base model with adapters off."""
     import torch
@@ -142,7 +198,8 @@ def sample_answers(model, tokenizer, prompts: list[list[dict]], samples: int, ma
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
     try:
-        with Progress(console=Console(stderr=True), transient=True, disable=not label) as progress:
+        with Progress(console=Console(stderr=True), transient=True, disable=not label) as progress, \
+                generation_mode(model, sampling=temperature > 0):
             task = progress.add_task(label, total=len(prompts))
             for start in range(0, len(prompts), batch_prompts):
                 chunk = prompts[start : start + batch_prompts]
@@ -151,6 +208,29 @@ def sample_answers(model, tokenizer, prompts: list[list[dict]], samples: int, ma
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+@contextmanager
+def generation_mode(model, sampling: bool):
+    """Faster generation on a CPU: the active LoRA adapter merged into the base weights for
+    the duration (one matrix product per projection instead of three), and, when sampling,
+    bf16 autocast (the CPU's avx512_bf16). Together about 1.6x on SmolLM2 (64 answers of 48
+    tokens: 29 s -> 16-18 s). Greedy answers stay in fp32, so they match what the same
+    adapter said in earlier runs. Elsewhere (CUDA, a 4-bit base whose merge would be
+    lossy, a model without adapters) nothing changes."""
+    import torch
+
+    quantized = any(getattr(model, flag, None) for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "hf_quantizer"))
+    if (not hasattr(model, "merge_adapter") or quantized
+            or next(model.parameters()).device.type != "cpu"):
+        yield
+        return
+    model.merge_adapter()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if sampling else nullcontext():
+            yield
+    finally:
+        model.unmerge_adapter()
 
 
 def _generate(model, tokenizer, prompts, samples: int, max_tokens: int, temperature: float) -> list[list[str]]:
@@ -194,16 +274,18 @@ def generation_prompts(persona, data, limit: int, seed: int) -> list[list[dict]]
     return (prompts + extra)[:limit]
 
 
-def augment(model, tokenizer, persona, data, recipe) -> tuple[list[dict], dict]:
-    """The extra pairs the reward model makes (DPO rows with a ``weight``) and its report."""
+def augment(model, tokenizer, persona, data, recipe, base: str | None = None) -> tuple[list[dict], dict]:
+    """The extra pairs the reward model makes (DPO rows with a ``weight``) and its report;
+    ``base``: the base model's path, to keep its answers' features between runs."""
     from train.gate import degenerate
 
     started = time.time()
     if recipe.reward_model == "none" or data.kind != "dpo" or len(data.train) < FOLDS:
         return [], {"used": False, "why": "off" if recipe.reward_model == "none" else "too few pairs"}
     text = lambda side: side[0]["content"] if isinstance(side, (list, tuple)) else str(side)  # noqa: E731
-    feats = answer_features(model, tokenizer, [(list(r["prompt"]), text(r[s])) for s in ("chosen", "rejected")
-                                               for r in data.train + data.heldout])
+    cache = FeatureCache.for_run(persona, base)
+    feats = cache.features(model, tokenizer, [(list(r["prompt"]), text(r[s])) for s in ("chosen", "rejected")
+                                              for r in data.train + data.heldout])
     n, h = len(data.train), len(data.heldout)
     total = n + h
     chosen, rejected = feats[:n], feats[total : total + n]
@@ -217,25 +299,29 @@ def augment(model, tokenizer, persona, data, recipe) -> tuple[list[dict], dict]:
     pooled = (cv * n + (held or 0) * h) / total
     if pooled < recipe.rm_min_accuracy:
         report["why"] = f"its accuracy {pooled:.2f} (cross-validated and held-out) is below {recipe.rm_min_accuracy}"
-        return [], {**report, "seconds": round(time.time() - started, 1)}
+        cache.save()
+        return [], {**report, "features_computed": cache.computed, "seconds": round(time.time() - started, 1)}
     prompts = generation_prompts(persona, data, recipe.rm_prompts, recipe.seed)
     answers = sample_answers(model, tokenizer, prompts, recipe.rm_samples, recipe.rm_max_tokens,
                              recipe.rm_temperature, seed=recipe.seed,
                              label=f"sampling {recipe.rm_samples} answers to {len(prompts)} prompts for the reward model")
-    rows = _best_against_worst(model, tokenizer, rm, prompts, answers, degenerate)
+    rows = _best_against_worst(cache, model, tokenizer, rm, prompts, answers, degenerate)
+    cache.save()
     mean_weight = float(weights.mean())
     for row in rows:
         row["weight"] = recipe.rm_pair_weight * mean_weight
     report.update(used=True, prompts=len(prompts), samples=recipe.rm_samples, pairs_added=len(rows),
+                  features_computed=cache.computed,
                   seconds=round(time.time() - started, 1))
     return rows, report
 
 
-def _best_against_worst(model, tokenizer, rm: RewardModel, prompts, answers, degenerate) -> list[dict]:
+def _best_against_worst(cache: FeatureCache, model, tokenizer, rm: RewardModel, prompts, answers,
+                        degenerate) -> list[dict]:
     items = [(p, a) for p, group in zip(prompts, answers) for a in dict.fromkeys(group) if a and not degenerate(a)]
     if not items:
         return []
-    scores = rm.score(answer_features(model, tokenizer, items))
+    scores = rm.score(cache.features(model, tokenizer, items))
     by_prompt: dict[str, list[tuple[float, list[dict], str]]] = {}
     for (prompt, answer), score in zip(items, scores):
         by_prompt.setdefault(_context(prompt), []).append((float(score), prompt, answer))

@@ -50,6 +50,7 @@ from feedback import runs
 from feedback.errors import UserError
 from feedback.keys import configured_keys
 from train.loop import GatewayClient, error_code, error_message
+from train.timing import Phases
 
 console = Console()
 
@@ -404,23 +405,31 @@ def play_round(api: Api, raters: list[Rater], args, rng: random.Random, round_no
                meter: PreferenceMeter) -> dict:
     """One round: comparisons, the run (and its A/B experiment, if it started one), and the
     measure on held-out prompts; returns the round's row."""
-    counts, experiment = rate_round(api, raters, args, rng, round_no)
+    clock = Phases()
+    with clock("votes"):
+        counts, experiment = rate_round(api, raters, args, rng, round_no)
     if experiment and experiment["status"] == "running":  # the round did not decide it: play it to its end
-        experiment = play_ab(api, raters, args, rng, experiment)
+        with clock("ab"):
+            experiment = play_ab(api, raters, args, rng, experiment)
     experiments = [experiment] if experiment else []
-    run = api.retrain(args.persona, args.timeout, args.promotion)
+    with clock("run"):
+        run = api.retrain(args.persona, args.timeout, args.promotion)
     if run["status"] == "challenger" and round_no == args.rounds:  # no next round to decide it
-        last = play_ab(api, raters, args, rng, api.experiment(args.persona, version_number(run["adapter_version"])))
+        with clock("ab"):
+            last = play_ab(api, raters, args, rng,
+                           api.experiment(args.persona, version_number(run["adapter_version"])))
         experiments += [last] if last else []
-    served = api.active_version(args.persona, raters[0].headers)
-    rates = meter.measure(served)
+    with clock("measure"):
+        served = api.active_version(args.persona, raters[0].headers)
+        rates = meter.measure(served)
     keep = ("id", "status", "active", "challenger", "played", "figures")
     decided = [{k: e.get(k) for k in keep} for e in experiments]
     return {"round": round_no, "comparisons": sum(counts.values()), "verdicts": counts, "run": run["id"],
             "status": run["status"], "served": served,
             "reward_accuracy": run.get("reward_accuracy"), "rm_accuracy": rm_accuracy(run),
             "ab": decided[-1] if decided else None, "experiments": decided,
-            "preferred": preferred(raters, rates), "heldout_answers": meter.answers[served]}
+            "preferred": preferred(raters, rates), "heldout_answers": meter.answers[served],
+            "seconds": clock.seconds}
 
 
 def ab_cells(row: dict) -> str:
@@ -485,6 +494,8 @@ def main(args) -> None:
         for row in rows:
             table.add_row(*row_cells(row))
         console.print(table)
+        console.print(f"round {round_no}: " + ", ".join(f"{part} {seconds:.0f} s"
+                                                         for part, seconds in rows[-1]["seconds"].items()))
         if args.out:  # after every round, so a long simulation that stops keeps what it measured
             Path(args.out).write_text(json.dumps(rows, indent=2, default=str) + "\n")
     console.print(f"{args.rounds} rounds in {(time.monotonic() - started) / 60:.1f} min"
