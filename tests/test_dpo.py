@@ -234,8 +234,8 @@ def test_bench_train_prints_every_configuration(tiny_model_dir):
                      env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
-    assert [r.split("│")[1].strip()[:4] for r in rows] == ["ours", "TRL'", "plai"]
-    assert "1.00x" in rows[0] and "1.00x" in rows[2] and "precomputed once" in result.stdout
+    assert [r.split("│")[1].strip()[:4] for r in rows] == ["ours", "ours", "TRL'", "plai"]
+    assert "1.00x" in rows[0] and "1.00x" in rows[3] and "precomputed once" in result.stdout
 
 
 def test_lean_dpo_loss_equals_trls(tiny_persona, tiny_model_dir, tmp_path):
