@@ -84,6 +84,22 @@ def test_bradley_terry_learns_a_taste_from_few_pairs_and_cross_validation_says_s
     assert abs(np.mean(cv) - np.mean(held)) < 0.08   # the cross-validated figure predicts held-out accuracy
 
 
+def test_bradley_terry_fit_in_the_pairs_space_equals_newton_on_the_features():
+    rng = np.random.default_rng(2)
+    for n, dim, l2 in ((40, 300, 0.3), (40, 300, 30.0), (80, 12, 3.0)):   # more features than pairs, and fewer
+        chosen, rejected = simulated_pairs(n, dim, rng, noise=0.2)
+        weights = rng.uniform(0.2, 2.0, n)
+        fitted = fit_bt(chosen, rejected, weights, l2)
+        both = np.concatenate([chosen, rejected])
+        diff = (chosen - rejected) / (both.std(0) + 1e-6)
+        sample, w = weights / weights.mean(), np.zeros(dim)
+        for _ in range(50):   # the textbook primal Newton iteration, d x d
+            p = 1 / (1 + np.exp(-(diff @ w)))
+            hess = (diff * (sample * p * (1 - p))[:, None]).T @ diff + l2 * np.eye(dim)
+            w -= np.linalg.solve(hess, diff.T @ (sample * (p - 1)) + l2 * w)
+        assert np.allclose(fitted.weights, w, atol=1e-5 * max(1.0, np.abs(w).max()))
+
+
 def test_bradley_terry_on_coin_flips_is_no_better_than_chance():
     rng = np.random.default_rng(1)
     chosen, rejected = simulated_pairs(400, 20, rng, noise=0.5)   # verdicts unrelated to the answers

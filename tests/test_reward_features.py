@@ -4,6 +4,7 @@ the file stays bounded, and a damaged file costs a recomputation, not a run."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from train import reward
 
@@ -62,3 +63,34 @@ def test_a_damaged_file_is_computed_again(tmp_path, monkeypatch):
     assert reward.FeatureCache(path).rows == {}
     cache.save()
     assert len(reward.FeatureCache(path).rows) == 1
+
+
+def unpacked_features(model, tokenizer, messages, answer):
+    """One answer in a row of its own, as the features were first computed."""
+    import math
+
+    import torch
+
+    prompt = reward.prompt_ids(tokenizer, messages)
+    ids = prompt + tokenizer(answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad(), model.disable_adapter():
+        hidden = model.get_base_model().model(input_ids=torch.tensor([ids])).last_hidden_state[0, len(prompt):]
+    return np.concatenate([hidden.mean(0).numpy(), hidden[-1].numpy(), [math.log1p(len(ids) - len(prompt))]])
+
+
+@pytest.mark.parametrize("which", ["tiny_model_dir", "tiny_gemma_dir"])
+def test_answers_packed_by_prompt_get_the_features_of_their_own_rows(which, request):
+    from test_pair_logps import peft_model
+    from transformers import AutoTokenizer
+
+    model_dir = request.getfixturevalue(which)
+    model, tokenizer = peft_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    ask = lambda text: [{"role": "system", "content": "You are Teto."}, {"role": "user", "content": text}]  # noqa: E731
+    items = [(ask("Plans tonight?"), "Ramen, then karaoke."), (ask("Hi"), "Hey."),
+             (ask("Plans tonight?"), "Sleep early. " * 12), (ask("Plans tonight?"), "No idea"),
+             (ask("What is 2 + 2?"), "Four, obviously."), (ask("Hi"), "Hello there, how are you today?"),
+             (ask("Plans tonight?"), "Maybe a movie?")]
+    for max_width, batch_rows in ((512, 8), (70, 2)):   # whole groups in one batch; groups split, several batches
+        packed = reward.answer_features(model, tokenizer, items, max_width=max_width, batch_rows=batch_rows)
+        for row, (messages, answer) in zip(packed, items):
+            assert np.allclose(row, unpacked_features(model, tokenizer, messages, answer), atol=1e-4)

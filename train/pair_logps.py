@@ -59,6 +59,50 @@ def _split(inputs) -> list[tuple[int, int, int]] | None:
     return out
 
 
+def packed_rows(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, dtype, device):
+    """One row per group (prompt ids, [answer ids, ...]): the prompt, then each answer in
+    turn, each answer's position ids restarting where the prompt ends and a 4D attention
+    mask under which it sees the prompt and itself only, so each answer token gets the
+    hidden state it would get in a row of its own. Returns (input_ids, position_ids, mask
+    of shape (rows, 1, width, width) in ``dtype``, each row's answer spans [(start, end), ...])."""
+    import torch
+
+    width = max(len(prompt) + sum(len(a) for a in answers) for prompt, answers in groups)
+    n = len(groups)
+    ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+    positions = torch.zeros((n, width), dtype=torch.long, device=device)
+    allowed = torch.zeros((n, width, width), dtype=torch.bool, device=device)
+    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+    spans = []
+    for i, (prompt, answers) in enumerate(groups):
+        p = len(prompt)
+        ids[i, :p] = torch.tensor(prompt, dtype=torch.long)
+        positions[i, :p] = torch.arange(p)
+        allowed[i, :p, :p] = causal[:p, :p]
+        start, row = p, []
+        for answer in answers:
+            end = start + len(answer)
+            ids[i, start:end] = torch.tensor(answer, dtype=torch.long)
+            positions[i, start:end] = torch.arange(p, p + len(answer))
+            allowed[i, start:end, :p] = True
+            allowed[i, start:end, start:end] = causal[: end - start, : end - start]
+            row.append((start, end))
+            start = end
+        allowed[i, start:, start:] = torch.eye(width - start, dtype=torch.bool, device=device)  # padding: itself only
+        spans.append(row)
+    mask = torch.zeros((n, 1, width, width), dtype=dtype, device=device).masked_fill(~allowed.unsqueeze(1),
+                                                                                     torch.finfo(dtype).min)
+    return ids, positions, mask, spans
+
+
+def float_dtype(model):
+    """The dtype of ``model``'s weights, float32 for quantized ones (the attention mask's dtype)."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
 def pair_logps(model, inputs, per_token: bool = False):
     """``completion_logps`` of a batch of pairs (n chosen rows, then n rejected), each pair's
     prompt computed once; falls back to ``completion_logps`` when a pair's rows differ
@@ -70,31 +114,18 @@ def pair_logps(model, inputs, per_token: bool = False):
         return completion_logps(model, inputs, per_token)
     ids = inputs["input_ids"]
     n, device = len(split), ids.device
-    width = max(p + c + r for p, c, r in split)
-    packed = torch.zeros((n, width), dtype=ids.dtype, device=device)
-    positions = torch.zeros((n, width), dtype=torch.long, device=device)
-    allowed = torch.zeros((n, width, width), dtype=torch.bool, device=device)
-    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
-    sources, targets, owners = [], [], []
-    for i, (p, c, r) in enumerate(split):
-        end = p + c + r
-        packed[i, : p + c] = ids[i, : p + c]
-        packed[i, p + c : end] = ids[i + n, p : p + r]
-        positions[i, : p + c] = torch.arange(p + c)
-        positions[i, p + c : end] = torch.arange(p, p + r)
-        allowed[i, :end, :end] = causal[:end, :end]
-        allowed[i, p + c : end, p : p + c] = False           # the rejected answer does not see the chosen one
-        allowed[i, end:, end:] = torch.eye(width - end, dtype=torch.bool, device=device)  # padding: itself only
-        # chosen token k (at p + k) from position p + k - 1; rejected token k (at p + c + k) from
-        # p - 1 when k = 0 (the prompt's end, as in its own row), else from p + c + k - 1
-        sources += [(i, p + k - 1) for k in range(c)] + [(i, p - 1)] + [(i, p + c + k - 1) for k in range(1, r)]
-        targets += packed[i, p:end].tolist()
-        owners += [i] * c + [i + n] * r
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    dtype = next(base.parameters()).dtype
-    dtype = dtype if dtype.is_floating_point else torch.float32
-    mask = torch.zeros((n, 1, width, width), dtype=dtype, device=device).masked_fill(~allowed.unsqueeze(1),
-                                                                                     torch.finfo(dtype).min)
+    groups = [(ids[i, :p].tolist(), [ids[i, p : p + c].tolist(), ids[i + n, p : p + r].tolist()])
+              for i, (p, c, r) in enumerate(split)]
+    packed, positions, mask, spans = packed_rows(groups, 0, float_dtype(base), device)
+    sources, targets, owners = [], [], []
+    for i, ((p, _, _), row) in enumerate(zip(split, spans)):
+        for side, (start, end) in enumerate(row):
+            # token k of an answer is predicted from the position before it; its first token
+            # from the prompt's end (p - 1), as in the answer's own row
+            sources += [(i, p - 1)] + [(i, start + k - 1) for k in range(1, end - start)]
+            targets += packed[i, start:end].tolist()
+            owners += [i + side * n] * (end - start)
     hidden = base.model(input_ids=packed, attention_mask=mask, position_ids=positions,
                         use_cache=False).last_hidden_state
     rows, cols = (torch.tensor(x, device=device) for x in zip(*sources))

@@ -54,21 +54,27 @@ class RewardModel:
 
 def fit_bt(chosen: np.ndarray, rejected: np.ndarray, weights: np.ndarray, l2: float, steps: int = 25) -> RewardModel:
     """Bradley–Terry by weighted logistic regression on feature differences (no intercept:
-    which answer is called "chosen" carries no information)."""
+    which answer is called "chosen" carries no information).
+
+    Newton's method in the pairs' space: with the L2 term the weights stay in the span of
+    the (scaled) differences X, w = X^T a, so each step solves an n x n system (n pairs,
+    a few dozen) instead of a d x d one (d = 2 x hidden size + 1: 1153 on SmolLM2), with
+    the same iterates. Cross-validation fits 20 models: 8-9 s -> well under a second."""
     both = np.concatenate([chosen, rejected])
     mean, scale = both.mean(0), both.std(0) + 1e-6
     diff = (chosen - rejected) / scale
-    w = np.zeros(diff.shape[1])
+    gram = diff @ diff.T
     sample = weights / weights.mean()
+    a = np.zeros(len(diff))
     for _ in range(steps):
-        p = 1 / (1 + np.exp(-(diff @ w)))
-        grad = diff.T @ (sample * (p - 1)) + l2 * w
-        hess = (diff * (sample * p * (1 - p))[:, None]).T @ diff + l2 * np.eye(len(w))
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-6:
+        p = 1 / (1 + np.exp(-(gram @ a)))
+        # primal: (X^T S X + l2 I) X^T step = X^T (s (p - 1) + l2 a)  <=  (S K + l2 I) step = s (p - 1) + l2 a
+        hess = (sample * p * (1 - p))[:, None] * gram + l2 * np.eye(len(a))
+        step = np.linalg.solve(hess, sample * (p - 1) + l2 * a)
+        a -= step
+        if np.abs(diff.T @ step).max() < 1e-6:
             break
-    return RewardModel(mean, scale, w)
+    return RewardModel(mean, scale, diff.T @ a)
 
 
 def accuracy(model: RewardModel, chosen: np.ndarray, rejected: np.ndarray) -> float | None:
@@ -154,34 +160,50 @@ class FeatureCache:
         os.replace(partial, self.path)
 
 
-def answer_features(model, tokenizer, items: list[tuple[list[dict], str]], batch_size: int = 16) -> np.ndarray:
-    """Features of (prompt messages, answer) pairs from the base model with adapters off."""
+def answer_features(model, tokenizer, items: list[tuple[list[dict], str]], max_width: int = 512,
+                    batch_rows: int = 8) -> np.ndarray:
+    """Features of (prompt messages, answer) pairs from the base model with adapters off.
+    The answers to one prompt share a row (train/pair_logps.py ``packed_rows``: the prompt
+    once, each answer seeing the prompt and itself only), so the prompt, longer than most
+    answers, is computed once per prompt instead of once per answer."""
     import torch
 
-    seqs = []
-    for messages, answer in items:
-        prompt = prompt_ids(tokenizer, messages)
+    from train.pair_logps import float_dtype, packed_rows
+
+    encoded: dict[str, tuple[list[int], list[tuple[int, list[int]]]]] = {}
+    for index, (messages, answer) in enumerate(items):
+        key = _context(messages)
+        if key not in encoded:
+            encoded[key] = (prompt_ids(tokenizer, messages), [])
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:256] or [tokenizer.eos_token_id]
-        seqs.append((prompt + answer_ids, len(prompt)))
+        encoded[key][1].append((index, answer_ids))
+    groups = []  # (prompt, [(item index, answer ids)]): a prompt's answers, split to fit max_width
+    for prompt, answers in encoded.values():
+        chunk, width = [], len(prompt)
+        for index, ids in answers:
+            if chunk and width + len(ids) > max_width:
+                groups.append((prompt, chunk))
+                chunk, width = [], len(prompt)
+            chunk.append((index, ids))
+            width += len(ids)
+        groups.append((prompt, chunk))
+    groups.sort(key=lambda g: len(g[0]) + sum(len(ids) for _, ids in g[1]))  # neighbours by width: little padding
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))  # neighbours by length: little padding
+    out = [None] * len(items)
     model.eval()
     with torch.no_grad(), (model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = [seqs[i] for i in rows]
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (seq, _) in enumerate(batch):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-            hidden = base.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.float()
-            for row, (seq, start_at) in enumerate(batch):
-                answer = hidden[row, start_at : len(seq)]
-                out[rows[row]] = torch.cat([answer.mean(0), answer[-1],
-                                            torch.tensor([math.log1p(len(seq) - start_at)])]).numpy()
+        for start in range(0, len(groups), batch_rows):
+            batch = groups[start : start + batch_rows]
+            ids, positions, mask, spans = packed_rows([(p, [a for _, a in chunk]) for p, chunk in batch],
+                                                      tokenizer.pad_token_id, float_dtype(base), "cpu")
+            device = next(base.parameters()).device
+            hidden = base.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                position_ids=positions.to(device), use_cache=False).last_hidden_state.float().cpu()
+            for row, (_, chunk) in enumerate(batch):
+                for (index, answer_ids), (begin, end) in zip(chunk, spans[row]):
+                    answer = hidden[row, begin:end]
+                    out[index] = torch.cat([answer.mean(0), answer[-1],
+                                            torch.tensor([math.log1p(len(answer_ids))])]).numpy()
     return np.stack(out)
 
 
