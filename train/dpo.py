@@ -485,7 +485,9 @@ def measure(trainer, model, tokenizer, persona: Persona, data: PreferenceData, r
     adapter it started from ("ref")."""
     phases = phases or Phases()
     metrics = {}
-    with phases("heldout_pairs"):
+    # both sides of each held-out pair in the training's precision: the candidate and the
+    # active adapter are compared with each other, not with a figure of an earlier run
+    with matmul_precision(recipe.float32_matmul_precision), phases("heldout_pairs"):
         metrics.update(heldout_rewards(trainer, model, tokenizer, data, recipe))
     with phases("persona_loss"):
         metrics.update(sft_losses(model, tokenizer, persona, active))
