@@ -520,7 +520,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=8, help="concurrent requests (the engine batches them)")
+    p.add_argument("--workers", type=int, default=16,
+                   help="pairs asked at once, both answers of each together (the engine batches them: 32 answers "
+                        "in flight gave 1.25x the tokens per second of 16)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds a retrain may take")
     p.add_argument("--promotion", choices=("recipe", "gate", "ab"), default="recipe",
                    help="how the rounds' runs promote a candidate that passes the gate: as the recipe says "
