@@ -39,8 +39,9 @@ def provision(args) -> None:
 
 
 def setup(args) -> None:
-    """Provision the base model, then train every persona that has no active adapter."""
-    from train import base_model, registry, sft
+    """Provision the base model, train every persona that has no active adapter, and score
+    each SFT version that has no scores yet (``train.baseline``)."""
+    from train import base_model, baseline, registry, sft
     from train.personas import list_persona_names, load_persona
     from train.recipes import load_recipe
 
@@ -55,6 +56,16 @@ def setup(args) -> None:
             continue
         console.print(f"{name}: no adapter yet, training one (SFT)")
         sft.run(persona, load_recipe(persona.recipe), base)
+    # Once every persona has its SFT version (they judge each other's consistency), score
+    # each SFT version once, so that the first preference run reuses the figures.
+    for name in names:
+        version = registry.sft_version(name)
+        if version is not None and baseline.missing(load_persona(name), version):
+            console.print(f"{name}: scoring {version.name} (persona consistency, held-out losses)")
+            figures = baseline.measure(load_persona(name), version, base)
+            if "consistency_candidate" in figures:
+                console.print(f"{name}: {version.name} consistency {figures['consistency_candidate']:.0%}, "
+                              f"held-out loss {figures.get('sft_nll_candidate', float('nan')):.3f}")
 
 
 def train_sft(args) -> None:

@@ -399,3 +399,36 @@ def test_a_run_measures_only_its_candidate_what_the_active_versions_run_measured
     heldout.write_text(heldout.read_text().replace("Do it now.", "Do it now, please."))
     _, m3 = dpo.run(tiny_persona, data, recipe, str(tiny_model_dir))
     assert m3["sft_nll_active"] != m1["sft_nll_candidate"] and m3["sft_nll_data"] != m1["sft_nll_data"]
+
+
+def test_setup_scores_the_sft_version_as_a_run_would_and_the_first_run_reuses_it(
+        tiny_persona, tiny_model_dir, tmp_path, monkeypatch):
+    """train.baseline measures an SFT version (consistency, persona and refusal losses) to the
+    figures a preference run measures for it, records them in its meta, and the first run from
+    it then scores only its candidate."""
+    from train import baseline, consistency, dpo, registry
+
+    recipe = DPORecipe(epochs=1, learning_rate=5e-3, batch_size=4, sanity_max_tokens=4, reward_model="none")
+    data = pairs_file(tmp_path / "pairs.parquet")
+    _, fresh = dpo.run(tiny_persona, data, recipe, str(tiny_model_dir))   # v1 measured by the run
+    sft = registry.get("tiny", 1)
+    assert baseline.missing(tiny_persona, sft)
+    figures = baseline.measure(tiny_persona, sft, str(tiny_model_dir))
+    assert figures["consistency_candidate"] == figures["consistency_sft"] == fresh["consistency_active"]
+    assert figures["sft_nll_candidate"] == pytest.approx(fresh["sft_nll_active"], rel=1e-5)
+    assert figures["safety_nll_candidate"] == pytest.approx(fresh["safety_nll_active"], rel=1e-5)
+    sft = registry.get("tiny", 1)
+    assert sft.meta["metrics"]["consistency_candidate"] == figures["consistency_candidate"]
+    assert sft.meta["kind"] == "sft" and not baseline.missing(tiny_persona, sft)
+    scored = []
+    greedy = consistency.greedy_answers
+    monkeypatch.setattr(consistency, "greedy_answers", lambda m, t, p, adapter: scored.append(adapter) or
+                        greedy(m, t, p, adapter))
+    _, reused = dpo.run(tiny_persona, data, recipe, str(tiny_model_dir))
+    assert scored == ["default"]                                           # the candidate only
+    assert reused["consistency_active"] == reused["consistency_sft"] == figures["consistency_candidate"]
+    assert reused["sft_nll_active"] == reused["sft_nll_sft"] == figures["sft_nll_candidate"]
+    assert reused["safety_nll_active"] == figures["safety_nll_candidate"]
+    heldout = tiny_persona.resolve("data/heldout.jsonl")                   # edited prompts: stale scores
+    heldout.write_text(heldout.read_text().replace("question", "query"))
+    assert baseline.missing(tiny_persona, registry.get("tiny", 1))

@@ -131,7 +131,8 @@ def test_the_wilson_bound_covers_the_true_rate_about_95_percent_of_the_time():
 
 def test_consistency_scores_known_from_the_active_version_are_not_computed_again(monkeypatch):
     """The active version's own score and the SFT version's come from its metrics when the same
-    judges computed them; an SFT active version is scored once for both; new judges: all again."""
+    judges computed them; an SFT active version's setup score stands for both, else it is scored
+    once for both; new judges: all again."""
     from train import consistency
     from train.registry import AdapterVersion
 
@@ -145,6 +146,11 @@ def test_consistency_scores_known_from_the_active_version_are_not_computed_again
                "consistency_data": f"sha256:prompts:{consistency.MAX_PROMPTS}"}
     dpo_version = AdapterVersion("teto", 3, None, {"kind": "dpo", "metrics": metrics})
     assert consistency.known_scores(dpo_version, None) == {"active": 0.9, "sft": 0.94}
+    scored = AdapterVersion("teto", 1, None, {"kind": "sft", "metrics": metrics})   # scored at setup
+    assert consistency.known_scores(scored, None) == {"active": 0.9, "sft": 0.9}
+    stale = {**metrics, "consistency_judges": {"teto": 1}}                   # before egen had a version
+    assert consistency.known_scores(AdapterVersion("teto", 1, None, {"kind": "sft", "metrics": stale}), None) \
+        == {"sft": "active"}
     rejudged = {**metrics, "consistency_judges": {"teto": 1, "egen": 2}}   # egen got a new SFT version
     assert consistency.known_scores(AdapterVersion("teto", 3, None, {"kind": "dpo", "metrics": rejudged}), None) == {}
     assert consistency.known_scores(None, None) == {}

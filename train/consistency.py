@@ -118,15 +118,18 @@ def data_fingerprint(persona) -> str | None:
 def known_scores(active, persona) -> dict[str, float]:
     """Scores the run need not compute again: the active version's own score and the SFT
     version's, from the active version's metrics when they were computed with the same
-    judges (the same greedy answers score the same), or both from one computation when the
-    active version is the SFT version; label -> score, or label -> another label."""
+    judges (the same greedy answers score the same), or, when the active version is the SFT
+    version, both from its setup score or else from one computation; label -> score, or
+    label -> another label."""
     if active is None:
         return {}
-    if active.meta.get("kind") == "sft":
-        return {"sft": "active"}
     metrics = active.meta.get("metrics", {})
-    if metrics.get("consistency_judges") != judge_versions(persona) or \
-            metrics.get("consistency_data") != data_fingerprint(persona):
+    same = metrics.get("consistency_judges") == judge_versions(persona) and \
+        metrics.get("consistency_data") == data_fingerprint(persona)
+    if active.meta.get("kind") == "sft":  # its score, from setup (train.baseline), is the SFT score
+        score = metrics.get("consistency_candidate") if same else None
+        return {"active": score, "sft": score} if score is not None else {"sft": "active"}
+    if not same:
         return {}  # other judges, or other held-out prompts: scored again
     known = {"active": metrics.get("consistency_candidate"), "sft": metrics.get("consistency_sft")}
     return {label: score for label, score in known.items() if score is not None}

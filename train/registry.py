@@ -202,6 +202,18 @@ def commit(persona: str, staging: Path, meta: dict) -> AdapterVersion:
     raise RegistryError(f"could not allocate a version number for {persona}")
 
 
+def add_metrics(persona: str, version: int, metrics: dict) -> AdapterVersion:
+    """Add measured figures to a registered version's ``meta.json`` metrics (its adapter and
+    everything else stay as they are); returns the version as now recorded."""
+    folder = _folder(persona, version)
+    if not _exists(persona, version):
+        raise RegistryError(f"{persona} has no version v{version}")
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    meta["metrics"] = {**(meta.get("metrics") or {}), **metrics}
+    _write_json_atomic(folder / "meta.json", meta)
+    return AdapterVersion(persona, version, folder, meta)
+
+
 def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
