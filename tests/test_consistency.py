@@ -28,14 +28,11 @@ def one_at_a_time(model, tokenizer, items, adapter):
 
 @pytest.mark.parametrize("which", ["tiny_model_dir", "tiny_gemma_dir"])
 def test_batched_per_token_logps_equal_one_row_each(which, request):
-    from test_pair_logps import peft_model
-    from transformers import AutoTokenizer
+    from test_pair_logps import ask, model_and_tokenizer
 
     from train.consistency import per_token_logps
 
-    model_dir = request.getfixturevalue(which)
-    model, tokenizer = peft_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    ask = lambda text: [{"role": "system", "content": "You are Teto."}, {"role": "user", "content": text}]  # noqa: E731
+    model, tokenizer = model_and_tokenizer(which, request)
     items = [(ask("Plans tonight?"), "Ramen, then karaoke."), (ask("Hi"), "Hey."),
              (ask("What should I read?"), "Try a short novel. " * 6), (ask("2 + 2?"), "Four, obviously!")]
     for adapter in ("default", None):

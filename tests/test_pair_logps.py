@@ -20,6 +20,19 @@ def peft_model(model_dir):
                                             init_lora_weights=False))
 
 
+def model_and_tokenizer(which: str, request):
+    """The peft model and tokenizer of a tiny-model fixture, by the fixture's name."""
+    from transformers import AutoTokenizer
+
+    model_dir = request.getfixturevalue(which)
+    return peft_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
+
+
+def ask(text: str) -> list[dict]:
+    """A chat prompt to Teto."""
+    return [{"role": "system", "content": "You are Teto."}, {"role": "user", "content": text}]
+
+
 def batch(vocab: int, seed: int = 0):
     """Four pairs of uneven prompts and answers (one answer a single token), as TRL's
     preference collator pads them: chosen rows, then rejected rows, right-padded."""

@@ -80,12 +80,9 @@ def unpacked_features(model, tokenizer, messages, answer):
 
 @pytest.mark.parametrize("which", ["tiny_model_dir", "tiny_gemma_dir"])
 def test_answers_packed_by_prompt_get_the_features_of_their_own_rows(which, request):
-    from test_pair_logps import peft_model
-    from transformers import AutoTokenizer
+    from test_pair_logps import ask, model_and_tokenizer
 
-    model_dir = request.getfixturevalue(which)
-    model, tokenizer = peft_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    ask = lambda text: [{"role": "system", "content": "You are Teto."}, {"role": "user", "content": text}]  # noqa: E731
+    model, tokenizer = model_and_tokenizer(which, request)
     items = [(ask("Plans tonight?"), "Ramen, then karaoke."), (ask("Hi"), "Hey."),
              (ask("Plans tonight?"), "Sleep early. " * 12), (ask("Plans tonight?"), "No idea"),
              (ask("What is 2 + 2?"), "Four, obviously."), (ask("Hi"), "Hello there, how are you today?"),
