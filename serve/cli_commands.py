@@ -59,10 +59,10 @@ def setup(args) -> None:
     # Once every persona has its SFT version (they judge each other's consistency), score
     # each SFT version once, so that the first preference run reuses the figures.
     for name in names:
-        version = registry.sft_version(name)
-        if version is not None and baseline.missing(load_persona(name), version):
+        version, persona = registry.sft_version(name), load_persona(name)
+        if version is not None and baseline.missing(persona, version):
             console.print(f"{name}: scoring {version.name} (persona consistency, held-out losses)")
-            figures = baseline.measure(load_persona(name), version, base)
+            figures = baseline.measure(persona, version, base)
             if "consistency_candidate" in figures:
                 console.print(f"{name}: {version.name} consistency {figures['consistency_candidate']:.0%}, "
                               f"held-out loss {figures.get('sft_nll_candidate', float('nan')):.3f}")

@@ -22,15 +22,13 @@ from train.personas import Persona
 
 def missing(persona: Persona, version: registry.AdapterVersion) -> bool:
     """Whether an SFT version lacks its scores, or has scores from other judges or data."""
-    from train.consistency import data_fingerprint, judge_versions
+    from train.consistency import data_fingerprint, same_judges
     from train.evaluate import split_hash
 
     metrics = version.meta.get("metrics") or {}
     if version.meta.get("kind") != "sft" or data_fingerprint(persona) is None:
         return False
-    return (metrics.get("consistency_candidate") is None
-            or metrics.get("consistency_judges") != judge_versions(persona)
-            or metrics.get("consistency_data") != data_fingerprint(persona)
+    return (metrics.get("consistency_candidate") is None or not same_judges(metrics, persona)
             or metrics.get("sft_nll_data") != split_hash(persona, "heldout", ["en"]))
 
 

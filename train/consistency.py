@@ -115,6 +115,12 @@ def data_fingerprint(persona) -> str | None:
     return files and f"{files}:{MAX_PROMPTS}"
 
 
+def same_judges(metrics: dict, persona) -> bool:
+    """Whether a recorded score was computed by today's judges on today's held-out prompts."""
+    return metrics.get("consistency_judges") == judge_versions(persona) and \
+        metrics.get("consistency_data") == data_fingerprint(persona)
+
+
 def known_scores(active, persona) -> dict[str, float]:
     """Scores the run need not compute again: the active version's own score and the SFT
     version's, from the active version's metrics when they were computed with the same
@@ -124,8 +130,7 @@ def known_scores(active, persona) -> dict[str, float]:
     if active is None:
         return {}
     metrics = active.meta.get("metrics", {})
-    same = metrics.get("consistency_judges") == judge_versions(persona) and \
-        metrics.get("consistency_data") == data_fingerprint(persona)
+    same = same_judges(metrics, persona)
     if active.meta.get("kind") == "sft":  # its score, from setup (train.baseline), is the SFT score
         score = metrics.get("consistency_candidate") if same else None
         return {"active": score, "sft": score} if score is not None else {"sft": "active"}
