@@ -309,3 +309,55 @@ def _penalised_loss(design: np.ndarray, y: np.ndarray, beta: np.ndarray,
     eta = design @ beta
     # log(1 + e^eta) - y * eta, written to stay finite for large |eta|
     return float(np.sum(np.logaddexp(0.0, eta) - y * eta) + beta @ penalty @ beta / 2)
+
+
+def promotion_chance(wins: int, votes: int, budget: int, rules: ABRules = ABRules()) -> float:
+    """The chance that the experiment promotes before it reaches ``budget`` decisive verdicts.
+
+    For a vote budget, not for the decision: a simulated A/B round (``persona simulate``)
+    that plays at most ``budget`` decisive verdicts can stop early when this is small,
+    since its challenger would almost surely end undecided anyway. The win probability
+    is given a flat prior updated by the verdicts so far (Beta(1 + wins, 1 + losses)), so
+    the verdicts still to come follow a Polya urn: after ``n`` verdicts with ``s`` wins
+    the next is a win with probability ``(1 + s) / (2 + n)``. The chance is exact under
+    that model (``promotion_chances``). Stopping on it can only lower the promotion
+    rate, so an indifferent challenger is promoted no more often than without it;
+    ``tests/test_abtest.py::test_futility`` measures what a better one loses, and the
+    verdicts it saves."""
+    if votes >= budget:
+        return 0.0
+    return float(promotion_chances(budget, rules)[votes, wins])
+
+
+def promotion_chances(budget: int, rules: ABRules = ABRules()) -> np.ndarray:
+    """``chance[n, s]``: from ``s`` wins in ``n`` decisive verdicts, the chance of a promotion
+    by ``budget`` verdicts (see ``promotion_chance``). Backward induction over ``n``: 1
+    where the rule promotes (``decide``), 0 where it retires or the budget is spent, else
+    the urn's mix of the next verdict's two outcomes."""
+    promote_at, retire_at = decision_boundaries(budget, rules)
+    wins = np.arange(budget + 2)
+    chance = np.zeros((budget + 1, budget + 2))
+    if budget >= rules.min_votes:  # the budget's last verdict may still promote
+        chance[budget, promote_at[budget]:] = 1.0
+    for n in range(budget - 1, -1, -1):
+        win = (1 + wins[:-1]) / (2 + n)
+        chance[n, :-1] = win * chance[n + 1, 1:] + (1 - win) * chance[n + 1, :-1]
+        if n >= rules.min_votes:
+            chance[n, promote_at[n]:] = 1.0
+        chance[n, :retire_at[n] + 1] = 0.0
+    return chance[:, :-1]
+
+
+def decision_boundaries(budget: int, rules: ABRules) -> tuple[np.ndarray, np.ndarray]:
+    """For each decisive count ``n`` in ``0..budget``: the fewest wins whose interval lies
+    above 0.5 (``n + 1``: none), and the most wins whose interval lies below it (-1: none)."""
+    n = np.arange(budget + 1)[:, None]
+    w = np.arange(budget + 1)[None, :]
+    valid = w <= n
+    safe_n, safe_w = np.broadcast_to(n, (budget + 1,) * 2), np.where(valid, w, 0)
+    outside = excludes(safe_w, safe_n, 0.5, rules.alpha) & valid
+    above = outside & (2 * w > n)
+    below = outside & (2 * w < n)
+    promote_at = np.where(above.any(axis=1), above.argmax(axis=1), n[:, 0] + 1)
+    retire_at = np.where(below.any(axis=1), budget - below[:, ::-1].argmax(axis=1), -1)
+    return promote_at, retire_at

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from feedback.abtest import (PROMOTE_WITHIN, ABRules, Verdict, analyse, bootstrap_interval,
-                             confidence_sequence, excludes, length_controlled_rate)
+                             confidence_sequence, decision_boundaries, excludes, length_controlled_rate,
+                             promotion_chance, promotion_chances)
 from feedback.stats import Z95, wilson
 
 RULES = ABRules()
@@ -87,6 +88,74 @@ def test_worse_challenger_is_retired():
           f"median decisive votes to retire {np.median(at[outcome == 'retire']):.0f}")
     assert r["retire"] >= 0.90
     assert r["promote"] <= RULES.alpha
+
+
+BUDGET = 128  # decisive verdicts a simulated A/B round plays at most (persona simulate's default)
+LOOK = 16  # verdicts between two looks at the experiment, as the simulator plays them
+FUTILITY = 0.03  # persona simulate's --ab-futility default
+
+
+def test_boundaries_are_the_rule():
+    promote_at, retire_at = decision_boundaries(BUDGET, RULES)
+    for n in (1, 20, 40, 77, BUDGET):
+        for w in range(n + 1):
+            low, high = confidence_sequence(w, n, RULES.alpha)
+            assert (w >= promote_at[n]) == (low > 0.5), (w, n)
+            assert (w <= retire_at[n]) == (high < 0.5), (w, n)
+
+
+@pytest.mark.parametrize("wins,votes", [(36, 64), (40, 64), (30, 50), (10, 30)])
+def test_promotion_chance_matches_paths(wins, votes):
+    """The exact chance against paths drawn from its model: a win probability from the
+    posterior Beta(1 + wins, 1 + losses), then the verdicts, read by the rule itself."""
+    rng = np.random.default_rng(wins * 1000 + votes)
+    paths = 20_000
+    p = rng.beta(1 + wins, 1 + votes - wins, size=(paths, 1))
+    more = rng.random((paths, BUDGET - votes)) < p
+    counts = np.broadcast_to(votes + np.arange(1, BUDGET - votes + 1), more.shape)
+    outcome, _ = decisions(wins + np.cumsum(more, axis=1), counts)
+    drawn = float(np.mean(outcome == "promote"))
+    exact = promotion_chance(wins, votes, BUDGET, RULES)
+    assert abs(drawn - exact) <= 4 * math.sqrt(exact * (1 - exact) / paths) + 1e-3, (drawn, exact)
+
+
+def test_promotion_chance_edges():
+    assert promotion_chance(0, BUDGET, BUDGET) == 0.0  # the budget is spent
+    promote_at, _ = decision_boundaries(BUDGET, RULES)
+    assert promotion_chance(int(promote_at[60]), 60, BUDGET) == 1.0  # the rule promotes already
+    assert promotion_chance(5, 60, BUDGET) == 0.0  # retired already
+    assert promotion_chance(30, 60, 61) == 0.0  # one verdict cannot get there
+    chances = promotion_chances(BUDGET)
+    assert np.all(np.diff(chances[64, :65]) >= -1e-12)  # more wins, more chance
+
+
+def futility_play(p_win: float, cut: float, seed: int) -> tuple[float, float]:
+    """Experiments of decisive verdicts at ``p_win`` played to ``BUDGET``, looked at every
+    ``LOOK``, and stopped at a look whose promotion chance is below ``cut``: the share
+    promoted, and the mean verdicts played."""
+    wins, votes, _ = simulate(p_win, experiments=2000, horizon=BUDGET, ties=0.0, seed=seed)
+    outcome, at = decisions(wins, votes)
+    chances = promotion_chances(BUDGET, RULES)
+    looks = np.arange(LOOK, BUDGET, LOOK)
+    hopeless = chances[looks, wins[:, looks - 1]] < cut if cut else np.zeros((len(wins), len(looks)), bool)
+    stop = np.where(hopeless.any(axis=1), looks[hopeless.argmax(axis=1)], BUDGET)
+    promoted = (outcome == "promote") & (at <= stop)
+    played = np.minimum(np.where(outcome == "continue", BUDGET, at), stop)
+    return float(promoted.mean()), float(played.mean())
+
+
+def test_futility():
+    """Stopping a budgeted round when its promotion chance falls below 3% saves verdicts
+    where the challenger is not (or barely) better, and costs a better one little."""
+    print(f"\nbudget {BUDGET} decisive verdicts, a look every {LOOK}, stop below {FUTILITY:.0%}:")
+    for p_win, seed, saves, loses in ((0.5, 11, 0.5, 1.0), (0.56, 12, 0.35, 0.02), (0.65, 13, 0.05, 0.03)):
+        full_promoted, full_played = futility_play(p_win, 0.0, seed)
+        promoted, played = futility_play(p_win, FUTILITY, seed)
+        print(f"p={p_win}: promoted {full_promoted:.3f} -> {promoted:.3f}, "
+              f"verdicts played {full_played:.0f} -> {played:.0f}")
+        assert promoted <= full_promoted
+        assert full_promoted - promoted <= loses
+        assert played <= (1 - saves) * full_played
 
 
 def wilson_low(wins: np.ndarray, votes: np.ndarray, z: float = Z95) -> np.ndarray:

@@ -338,8 +338,22 @@ def test_promotion_ab_stops_an_undecided_experiment_at_ab_max_votes(gateway, tmp
     assert len(ab) == 40 and fake.stops == ["exp-1"]
     assert rows[1]["ab"]["status"] == "stopped" and rows[1]["served"] == 1
     assert simulate.ab_cell(rows[1]["ab"]).startswith("stopped 40/40")
-    assert "still undecided after 40 comparisons" in said(capsys)
+    assert "still undecided at --ab-max-votes 40, after 40 comparisons" in said(capsys)
     assert simulate.ab_cell(None) == "-"
+
+
+@pytest.mark.parametrize("futility,played", [(None, 16), ("0", 128)])
+def test_an_ab_that_cannot_promote_within_the_budget_stops_early(gateway, tmp_path, capsys, futility, played):
+    """The challenger loses every verdict: after the first batch its chance of a promotion
+    within --ab-max-votes is nil, so the play stops there (unless --ab-futility 0)."""
+    fake, url = gateway(status="challenger", decide_after=None)
+    flags = ("--ab-futility", futility) if futility else ()
+    rows = simulate_main(url, tmp_path, "--rater", "train.raters:longer", "--promotion", "ab", *flags)
+    ab = [body for _, body in fake.comparisons if fake.turns[body["turn_b"]][0] == 2]
+    assert len(ab) == played and fake.stops == ["exp-1"]
+    assert rows[1]["ab"]["status"] == "stopped" and rows[1]["served"] == 1
+    text = said(capsys)
+    assert ("0 wins of 16 decisive, 0.0% chance of a promotion within the 112 still to play" in text) == (not futility)
 
 
 def test_the_next_round_pits_the_challenger_against_the_active_version_and_decides_it(gateway, tmp_path):
@@ -411,3 +425,9 @@ def test_an_experiment_decided_just_before_the_stop_counts_as_decided(gateway, t
     rows = simulate_main(url, tmp_path, "--rater", "train.raters:shorter", "--ab-max-votes", "4")
     assert rows[-1]["experiments"][-1]["status"] == "promoted" and rows[-1]["served"] == 2
     assert "still undecided" not in said(capsys)
+
+
+@pytest.mark.parametrize("flag,value", [("--ab-futility", "1"), ("--ab-futility", "-0.1"), ("--ab-max-votes", "0")])
+def test_bad_ab_budget_is_named(tmp_path, flag, value):
+    with pytest.raises(UserError, match=f"{flag} {value}"):
+        simulate_main("http://127.0.0.1:9", tmp_path, "--rater", "train.raters:shorter", flag, value)

@@ -20,7 +20,9 @@ reports it (it starts no second run). ``--promotion gate|ab`` asks the run to pr
 at once or through an A/B experiment (default: as the recipe says). A run that ends
 as ``challenger`` started an experiment; the raters then play its side-by-side votes
 themselves (the active and the challenging version, pinned, one seed each pair) until
-the gateway decides it, or stop it after ``--ab-max-votes``. The table has a row a
+the gateway decides it, or stop it after ``--ab-max-votes`` decisive ones, or sooner, once
+its chance of promoting within them is below ``--ab-futility`` (``promotion_chance``:
+it would end undecided anyway). The table has a row a
 round; ``--out FILE.json`` writes the rows as JSON too.
 
     persona simulate --rater train.raters:shorter --persona teto --rounds 3 --pairs-per-round 64
@@ -47,6 +49,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from feedback import runs
+from feedback.abtest import ABRules, promotion_chance
 from feedback.errors import UserError
 from feedback.keys import configured_keys
 from train.loop import GatewayClient, error_code, error_message
@@ -359,21 +362,43 @@ def play_ab(api: Api, raters: list[Rater], args, rng: random.Random, experiment:
         return None
     active, challenger = version_number(experiment["active"]), version_number(experiment["challenger"])
     played = decisive = 0
+    hopeless = None
     while experiment["status"] == "running" and decisive < args.ab_max_votes and played < 4 * args.ab_max_votes:
         counts = ab_batch(api, raters, args, rng, active, challenger, min(AB_BATCH, args.ab_max_votes - decisive))
         played, decisive = played + sum(counts.values()), decisive + counts["a"] + counts["b"]
         experiment = api.experiment(args.persona, challenger) or experiment
         if not sum(counts.values()):  # a version of the pair is no longer served: nothing more can be played
             break
+        hopeless = futile(experiment, args.ab_max_votes - decisive, args.ab_futility)
+        if hopeless:
+            break
     stopped = experiment["status"] == "running" and api.stop_experiment(experiment["id"])
     if experiment["status"] == "running":
         experiment = api.experiment(args.persona, challenger) or {**experiment, "status": "stopped"}
     if stopped:
-        console.print(f"[yellow]A/B of v{challenger} against v{active}: still undecided after {played} comparisons, "
-                      f"{decisive} decisive (--ab-max-votes {args.ab_max_votes}): stopped it[/]")
+        why = hopeless or f"still undecided at --ab-max-votes {args.ab_max_votes}"
+        console.print(f"[yellow]A/B of v{challenger} against v{active}: {why}, after {played} comparisons, "
+                      f"{decisive} decisive: stopped it[/]")
     else:
         console.print(f"A/B of v{challenger} against v{active}: {experiment['status']} after {played} comparisons")
     return {**experiment, "played": played}
+
+
+def futile(experiment: dict, left: int, cut: float) -> str | None:
+    """Why playing on is pointless, or None: with ``left`` decisive comparisons still to
+    play, the experiment's chance of promoting its challenger (``promotion_chance``, on
+    its figures and rules) is below ``cut``. It would almost surely end undecided."""
+    figures = experiment.get("figures") or {}
+    if not cut or experiment["status"] != "running" or left <= 0 or figures.get("votes") is None:
+        return None
+    votes, wins = int(figures["votes"]), int(round(figures["wins"]))
+    rules = ABRules(alpha=float(experiment.get("alpha", ABRules.alpha)),
+                    min_votes=int(experiment.get("min_votes", ABRules.min_votes)))
+    chance = promotion_chance(wins, votes, votes + left, rules)
+    if chance >= cut:
+        return None
+    return (f"{wins} wins of {votes} decisive, {chance:.1%} chance of a promotion within the "
+            f"{left} still to play (--ab-futility {cut:g})")
 
 
 def ab_cell(experiment: dict | None) -> str:
@@ -478,6 +503,8 @@ def main(args) -> None:
         raise UserError(f"--flip {args.flip}: a probability, between 0 and 1")
     if args.ab_max_votes < 1:
         raise UserError(f"--ab-max-votes {args.ab_max_votes}: one comparison at least")
+    if not 0 <= args.ab_futility < 1:
+        raise UserError(f"--ab-futility {args.ab_futility}: a chance from 0 up to (not including) 1")
     api = Api(args.gateway)
     args.prompts_list, heldout = load_prompts(args)
     rng = random.Random(args.seed)
@@ -531,6 +558,9 @@ def add_arguments(p) -> None:
     p.add_argument("--ab-max-votes", type=int, default=128,
                    help="decisive A/B comparisons (not ties) played at most, and four times as many in all; "
                         "an experiment still undecided then is stopped")
+    p.add_argument("--ab-futility", type=float, default=0.03,
+                   help="stop an A/B early once its chance of promoting the challenger within --ab-max-votes "
+                        "is below this (default 0.03; 0 plays every one): it would end undecided anyway")
     p.add_argument("--out", help="also write the table to this file, as JSON (a list of rows)")
     p.add_argument("--gateway", default="http://127.0.0.1:7860")
     p.set_defaults(func=main)
