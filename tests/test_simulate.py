@@ -431,3 +431,17 @@ def test_an_experiment_decided_just_before_the_stop_counts_as_decided(gateway, t
 def test_bad_ab_budget_is_named(tmp_path, flag, value):
     with pytest.raises(UserError, match=f"{flag} {value}"):
         simulate_main("http://127.0.0.1:9", tmp_path, "--rater", "train.raters:shorter", flag, value)
+
+
+def test_decisive_comparisons_left_follow_the_share_of_ties():
+    assert simulate.decisive_left(128, 0, 0) == 128              # a priori half the comparisons decide
+    assert simulate.decisive_left(128, 160, 10) == 23            # a taste that ties 15 times in 16
+    assert simulate.decisive_left(128, 100, 90) == 38            # the decisive cap binds
+    assert simulate.decisive_left(128, 512, 100) == 0            # the comparison cap is spent
+
+
+def test_a_tie_heavy_ab_that_cannot_reach_min_votes_is_futile():
+    experiment = {"status": "running", "alpha": 0.05, "min_votes": 40, "figures": {"votes": 10, "wins": 9}}
+    assert "chance of a promotion within the 23 still to play" in simulate.futile(experiment, 23, 0.03)
+    assert simulate.futile(experiment, 60, 0.03) is None         # 9 of 10 with room to reach 40: play on
+    assert simulate.futile(experiment, 23, 0.0) is None          # --ab-futility 0: never stops early

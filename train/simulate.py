@@ -369,7 +369,7 @@ def play_ab(api: Api, raters: list[Rater], args, rng: random.Random, experiment:
         experiment = api.experiment(args.persona, challenger) or experiment
         if not sum(counts.values()):  # a version of the pair is no longer served: nothing more can be played
             break
-        hopeless = futile(experiment, args.ab_max_votes - decisive, args.ab_futility)
+        hopeless = futile(experiment, decisive_left(args.ab_max_votes, played, decisive), args.ab_futility)
         if hopeless:
             break
     stopped = experiment["status"] == "running" and api.stop_experiment(experiment["id"])
@@ -382,6 +382,14 @@ def play_ab(api: Api, raters: list[Rater], args, rng: random.Random, experiment:
     else:
         console.print(f"A/B of v{challenger} against v{active}: {experiment['status']} after {played} comparisons")
     return {**experiment, "played": played}
+
+
+def decisive_left(max_votes: int, played: int, decisive: int) -> int:
+    """Decisive comparisons still to come: up to ``max_votes`` of them, within the
+    ``4 * max_votes`` comparisons in all, at the share of decisive ones seen so far (a
+    taste that ties on most pairs has few left; the share starts from 1/2 a priori)."""
+    share = (decisive + 1) / (played + 2)
+    return max(0, min(max_votes - decisive, int((4 * max_votes - played) * share)))
 
 
 def futile(experiment: dict, left: int, cut: float) -> str | None:
