@@ -52,6 +52,7 @@ from feedback import runs
 from feedback.abtest import ABRules, promotion_chance
 from feedback.errors import UserError
 from feedback.keys import configured_keys
+from serve.protocol import SIDE_BY_SIDE_TEMPERATURE
 from train.loop import GatewayClient, error_code, error_message
 from train.timing import Phases
 
@@ -553,7 +554,9 @@ def add_arguments(p) -> None:
                                      "default: the persona's training prompts")
     p.add_argument("--heldout", type=int, default=32, help="held-out prompts to measure on")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=SIDE_BY_SIDE_TEMPERATURE,
+                   help=f"sampling temperature of the rated answers (default {SIDE_BY_SIDE_TEMPERATURE:g}, the "
+                        "side-by-side view's); the measure on held-out prompts is greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=16,
                    help="pairs asked at once, both answers of each together (the engine batches them: 32 answers "

@@ -16,10 +16,10 @@ from feedback.errors import APIError
 from feedback.votes import Vote
 from serve.gateway.chat import start_turn
 from serve.gateway.core import Gateway
-from serve.protocol import CHAT_REPETITION_PENALTY, ChatCompletionRequest, strip_controls
+from serve.protocol import CHAT_REPETITION_PENALTY, SIDE_BY_SIDE_TEMPERATURE, ChatCompletionRequest, strip_controls
 
 MAX_TOKENS = 200       # per answer in the UI
-TEMPERATURE = 0.8      # two samples of one version must be able to differ (side by side)
+TEMPERATURE = SIDE_BY_SIDE_TEMPERATURE
 
 
 @dataclass
