@@ -445,3 +445,44 @@ def test_a_tie_heavy_ab_that_cannot_reach_min_votes_is_futile():
     assert "chance of a promotion within the 23 still to play" in simulate.futile(experiment, 23, 0.03)
     assert simulate.futile(experiment, 60, 0.03) is None         # 9 of 10 with room to reach 40: play on
     assert simulate.futile(experiment, 23, 0.0) is None          # --ab-futility 0: never stops early
+
+
+def test_a_connection_closed_unanswered_is_sent_again():
+    """A real loopback server that closes the first connection without answering (as a
+    kept-alive connection is closed when the server's idle timer fires just as a request
+    goes out): the simulator's client sends the request again and goes on."""
+    import json
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    seen = []
+
+    def serve():
+        for count in range(3):
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length")), b"0"))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                seen.append(json.loads(body))
+                if count == 0:
+                    continue  # closed with no answer
+                reply = json.dumps({"id": "turn-1", "model": "teto@v1",
+                                    "choices": [{"message": {"content": "hi"}}]}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             + f"Content-Length: {len(reply)}\r\n\r\n".encode() + reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    api = simulate.Api(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    reply = api.ask("teto", "hello", 8, 0.8, seed=3)
+    assert reply["choices"][0]["message"]["content"] == "hi"
+    assert len(seen) == 2 and seen[0] == seen[1] and seen[0]["seed"] == 3  # the same request, twice
+    listener.close()

@@ -118,6 +118,8 @@ def flip(verdict: str) -> str:
 
 MAX_QUOTA_WAITS = 100  # a simulated client told to come back (429, 503) waits its Retry-After this often at most
 RUN_POLL_SECONDS = 2.0  # how often the run already going (the scheduler's) is looked at
+RESENDS = 3              # a request whose connection closed unanswered is sent again this many times
+RESEND_PAUSE = 0.5       # seconds, times the attempt
 AB_BATCH = 16           # A/B comparisons played between two looks at the experiment
 
 
@@ -127,6 +129,23 @@ def version_number(value) -> int:
     if match is None:
         raise UserError(f"the gateway named a version {value!r}, not a number")
     return int(match.group(1))
+
+
+def resend(http, method: str, path: str, **kw):
+    """``http.request``, sent again (up to ``RESENDS`` times) when the connection closed before
+    any answer came: a kept-alive connection the server closed as the request went out
+    (its idle timer fired first), or one refused for a moment. Nothing was answered, so
+    nothing was done twice that matters: a chat asked again is one more logged turn, and a
+    comparison posted again replaces itself (the latest verdict on a pair counts)."""
+    import httpx
+
+    for attempt in range(RESENDS + 1):
+        try:
+            return http.request(method, path, **kw)
+        except (httpx.RemoteProtocolError, httpx.ConnectError):
+            if attempt == RESENDS:
+                raise
+            time.sleep(RESEND_PAUSE * (attempt + 1))
 
 
 class VersionGone(UserError):
@@ -162,12 +181,12 @@ class Api:
         """POST as a patient client would: a 429 (over the voter's vote quota, or the gateway
         full) or a 503 with Retry-After (an engine restarting, a connection lost) is tried
         again after the time the gateway asked for, up to MAX_QUOTA_WAITS times."""
-        r = self.http.post(path, json=body, headers=headers)
+        r = resend(self.http, "post", path, json=body, headers=headers)
         for _ in range(MAX_QUOTA_WAITS):
             if r.status_code != 429 and not (r.status_code == 503 and "Retry-After" in r.headers):
                 break
             time.sleep(float(r.headers.get("Retry-After", "1")))
-            r = self.http.post(path, json=body, headers=headers)
+            r = resend(self.http, "post", path, json=body, headers=headers)
         return r
 
     def _admin(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kw):
@@ -175,7 +194,7 @@ class Api:
         import httpx
 
         try:
-            r = self.admin.http.request(method, path, **kw)
+            r = resend(self.admin.http, method, path, **kw)
         except httpx.HTTPError as exc:
             raise UserError(f"the gateway at {self.admin.url} did not answer {path} ({type(exc).__name__}): "
                             "start it first with `persona up` (after `persona setup`)") from None
