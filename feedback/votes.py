@@ -23,6 +23,11 @@ from dataclasses import dataclass
 from feedback.errors import APIError
 from feedback.store import Store, utc_now
 
+# The temperature the side-by-side view samples its two answers at: two samples of one
+# version must be able to differ, and a user should compare what a version typically says.
+# `persona simulate` plays those votes at the same temperature.
+SIDE_BY_SIDE_TEMPERATURE = 0.8
+
 VOTES = ("up", "down", "retract")
 CHOICES = ("a", "b", "tie", "both_bad")
 MAX_REASON, MAX_COMMENT = 200, 2000

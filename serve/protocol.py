@@ -40,10 +40,6 @@ MAX_REPETITION_PENALTY = 2.0
 # loop on a phrase ("Edit once, not forward. Edit once, ..."), and a mild penalty on tokens
 # already said keeps answers readable. The API's default stays off (1.0), as in vLLM and OpenAI.
 CHAT_REPETITION_PENALTY = 1.1
-# The side-by-side view's sampling temperature: two samples of one version must be able to
-# differ, and a user compares what a version typically says. `persona simulate` plays those
-# votes at the same temperature.
-SIDE_BY_SIDE_TEMPERATURE = 0.8
 # Temperatures below this sample greedily, as in vLLM (its _SAMPLING_EPS): dividing logits
 # by a denormal temperature overflows to inf and the sampling distribution to NaN. A top_p
 # below it is raised to it: both keep only the likeliest token, but a denormal top_p is 0 in

@@ -61,6 +61,9 @@ def test_simulated_votes_retrain_gate_promote_rollback(tiny_home, tmp_path):
         assert served_version(url) == 1
         sim = persona("simulate", "--rater", "tests.rating:fewer_characters", "--persona", "tiny",
                       "--rounds", "1", "--pairs-per-round", "64", "--max-tokens", "12", "--heldout", "4",
+                      # at 1.0 the random model's two samples differ in length on most prompts, so one
+                      # round of the length taste gives it enough decisive pairs to learn from
+                      "--temperature", "1.0",
                       "--promotion", "gate", "--gateway", url, env={**tiny_home, "COLUMNS": "200"}, timeout=900)
         assert sim.returncode == 0, sim.stderr[-3000:] + sim.stdout[-3000:]
         assert "promoted" in sim.stdout, sim.stdout

@@ -52,7 +52,7 @@ from feedback import runs
 from feedback.abtest import ABRules, promotion_chance
 from feedback.errors import UserError
 from feedback.keys import configured_keys
-from serve.protocol import SIDE_BY_SIDE_TEMPERATURE
+from feedback.votes import SIDE_BY_SIDE_TEMPERATURE
 from train.loop import GatewayClient, error_code, error_message
 from train.timing import Phases
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from feedback.errors import APIError
-from feedback.votes import Vote
+from feedback.votes import SIDE_BY_SIDE_TEMPERATURE, Vote
 from serve.gateway.chat import start_turn
 from serve.gateway.core import Gateway
-from serve.protocol import CHAT_REPETITION_PENALTY, SIDE_BY_SIDE_TEMPERATURE, ChatCompletionRequest, strip_controls
+from serve.protocol import CHAT_REPETITION_PENALTY, ChatCompletionRequest, strip_controls
 
 MAX_TOKENS = 200       # per answer in the UI
 TEMPERATURE = SIDE_BY_SIDE_TEMPERATURE
